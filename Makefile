@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # Optional: a PyTorch wheel index (e.g. https://download.pytorch.org/whl/cpu for small CPU-only wheels).
 TORCH_INDEX ?=
 
-.PHONY: help setup data pipeline test test-notebooks test-pytest lab export readme
+.PHONY: help setup data train sweep pipeline test test-notebooks test-pytest lab ui bench export readme
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -21,7 +21,13 @@ $(BIN)/.installed: pyproject.toml
 data: setup  ## get, verify, clean, split and version MNIST into dataset_cleaned/
 	$(BIN)/digit-data
 
-pipeline: setup data  ## the whole pipeline on the defaults
+train: setup  ## train the default recipe (digit-train), tracked in MLflow
+	$(BIN)/digit-train
+
+sweep: setup  ## an example sweep: two learning rates x two models
+	$(BIN)/digit-sweep --grid lr=0.003,0.01 --grid model=mlp,cnn --epochs 3
+
+pipeline: setup data train  ## the whole pipeline on the defaults: data, then training
 
 test: setup data test-notebooks test-pytest  ## every test: the notebooks (nbdev-test), then pytest
 
@@ -33,6 +39,12 @@ test-pytest: setup
 
 lab: setup  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab nbs
+
+ui: setup  ## the MLflow UI on the local store (mlflow.db)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+bench: setup data  ## training speed: our recipes against the PyTorch MNIST example (about 10 minutes)
+	$(BIN)/python bench/train_speed.py
 
 export: setup readme  ## notebooks -> digit_recognition/ and README.md, and clean notebook metadata
 	$(BIN)/nbdev-export

@@ -7,12 +7,12 @@ Docs: https://digit-recognition.github.io/digit-recognition/model.html.md"""
 # %% auto #0
 __all__ = ['MNIST_MEAN', 'MNIST_STD', 'MODELS', 'Normalize', 'mlp', 'conv_block', 'cnn', 'get_model', 'count_parameters']
 
-# %% ../nbs/02_model.ipynb #f6056b41
+# %% ../nbs/02_model.ipynb #26590d1e
 import torch
 from torch import nn
 from .config import DigitError
 
-# %% ../nbs/02_model.ipynb #4b846c1b
+# %% ../nbs/02_model.ipynb #22c9e733
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 class Normalize(nn.Module):
@@ -20,16 +20,18 @@ class Normalize(nn.Module):
     def __init__(self, mean:float=MNIST_MEAN, std:float=MNIST_STD):
         super().__init__()
         self.register_buffer('mean', torch.tensor(mean)); self.register_buffer('std', torch.tensor(std))
-    def forward(self, x): return (x.reshape(-1, 1, 28, 28).float() - self.mean)/self.std
+    def forward(self, x):
+        if x.ndim != 4: x = x.reshape(-1, 1, 28, 28)   # only when needed: a reshape would drop channels-last strides
+        return (x.float() - self.mean)/self.std
 
-# %% ../nbs/02_model.ipynb #96ff46db
+# %% ../nbs/02_model.ipynb #6cbc696e
 def mlp(hidden=(256, 128, 64), dropout:float=0.3) -> nn.Sequential:
     "A multi-layer perceptron on flattened 28x28 images."
     layers, n = [Normalize(), nn.Flatten()], 28*28
     for h in hidden: layers += [nn.Linear(n, h), nn.ReLU(), nn.Dropout(dropout)]; n = h
     return nn.Sequential(*layers, nn.Linear(n, 10))
 
-# %% ../nbs/02_model.ipynb #7ef5ad4d
+# %% ../nbs/02_model.ipynb #297f4137
 def conv_block(c_in:int, c_out:int) -> list:
     "3x3 convolution, batch norm, ReLU, 2x2 max-pool."
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
@@ -40,7 +42,7 @@ def cnn(width:int=16, dropout:float=0.0) -> nn.Sequential:
     blocks = [l for i in range(3) for l in conv_block(w[i], w[i+1])]
     return nn.Sequential(Normalize(), *blocks, nn.Flatten(), nn.Dropout(dropout), nn.Linear(w[3]*3*3, 10))
 
-# %% ../nbs/02_model.ipynb #4d5210aa
+# %% ../nbs/02_model.ipynb #4d375d18
 MODELS = {'mlp': mlp, 'cnn': cnn}
 
 def get_model(name:str='cnn', **kwargs) -> nn.Module:

@@ -28,3 +28,37 @@ def run_cli(tmp_path):
         if check is not None: assert r.returncode == check, f"{cmd} exited {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
     return run
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def mlflow_server(tmp_path_factory):
+    "A real MLflow tracking server with basic-auth login on 127.0.0.1, as DagsHub has; yields (uri, user, password)."
+    import secrets, time, urllib.request
+    d = tmp_path_factory.mktemp('mlflow-server')
+    port, password = free_port(), secrets.token_urlsafe(16)
+    env = {**os.environ, 'MLFLOW_AUTH_ADMIN_PASSWORD': password, 'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16)}
+    for k in ('MLFLOW_TRACKING_URI', 'MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
+    log = open(d/'server.log', 'w')
+    proc = subprocess.Popen([str(BIN/'mlflow'), 'server', '--app-name', 'basic-auth', '--host', '127.0.0.1', '--port', str(port),
+                             '--backend-store-uri', f"sqlite:///{d/'mlflow.db'}", '--artifacts-destination', str(d/'artifacts'),
+                             '--workers', '2'], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200: break
+        except OSError: pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill(); raise RuntimeError(f"mlflow server did not start:\n{(d/'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri, 'admin', password
+    proc.terminate()
+    try: proc.wait(20)
+    except subprocess.TimeoutExpired: proc.kill()

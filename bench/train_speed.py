@@ -1,0 +1,127 @@
+"""Training speed on a CPU: our fast recipe and `digit-train`'s defaults against the classic PyTorch MNIST example.
+
+Runs, on the full cleaned MNIST and on this machine, in one process run:
+  fast         our default model on a one-epoch schedule (in-memory tensors, batch-level work only)
+  reference    the PyTorch examples' MNIST recipe: conv32-conv64-maxpool-dropout-fc128-fc10, Adadelta lr 1.0,
+               StepLR gamma 0.7, batch 64, per-sample torchvision transforms through a DataLoader
+  digit-train  the `digit-train` command with its default settings (wall time of the whole command)
+and prints a table: test accuracy after each epoch, training seconds to reach 99.0% test accuracy, images/s.
+
+    python bench/train_speed.py                       # all three (about 10 minutes on 2 cores)
+    python bench/train_speed.py --parts fast,reference --reference-epochs 14 --no-stop-at-target
+"""
+import argparse, json, re, subprocess, sys, tempfile, time
+from pathlib import Path
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import datasets, transforms
+from digit_recognition.config import Settings, get_device, seed_everything
+from digit_recognition.data import load_cleaned, prepare_data
+from digit_recognition.model import get_model
+from digit_recognition.training import fit, evaluate, model_from_checkpoint
+
+TARGET = 0.99
+
+
+def run_fast(data, device):
+    "Our recipe: the default CNN, one epoch of one-cycle AdamW on in-memory tensors."
+    p = dict(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
+             label_smoothing=0.1, augment=False, seed=42, device=device, max_train_samples=0, patience=0)
+    seed_everything(42); m = get_model('cnn'); rows, t = [], 0.0
+    def on_epoch(metrics, epoch):
+        nonlocal t
+        t += metrics['epoch_seconds']
+        rows.append((epoch, t, evaluate(m, *data.test)['accuracy'], metrics['images_per_second']))
+    with tempfile.TemporaryDirectory() as d: fit(m, data, d, p, on_epoch=on_epoch)
+    return rows
+
+
+class ReferenceNet(nn.Module):
+    "The network of the PyTorch examples' mnist/main.py."
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3, 1), nn.Conv2d(32, 64, 3, 1)
+        self.dropout1, self.dropout2 = nn.Dropout(0.25), nn.Dropout(0.5)
+        self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = self.dropout2(F.relu(self.fc1(torch.flatten(self.dropout1(x), 1))))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def run_reference(device, epochs, stop_at_target):
+    "The PyTorch examples' recipe, as written there."
+    seed_everything(1)
+    dev = get_device(device)
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    root = Settings().path('paths', 'data_dir')
+    train = torch.utils.data.DataLoader(datasets.MNIST(root, train=True, transform=tf), batch_size=64, shuffle=True)
+    test = torch.utils.data.DataLoader(datasets.MNIST(root, train=False, transform=tf), batch_size=1000)
+    model = ReferenceNet().to(dev)
+    opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    rows, t = [], 0.0
+    for epoch in range(1, epochs + 1):
+        model.train(); t0 = time.time()
+        for x, y in train:
+            x, y = x.to(dev), y.to(dev)
+            opt.zero_grad(); loss = F.nll_loss(model(x), y); loss.backward(); opt.step()
+        secs = time.time() - t0; t += secs; sched.step()
+        model.eval(); correct = 0
+        with torch.no_grad():
+            for x, y in test: correct += (model(x.to(dev)).argmax(1) == y.to(dev)).sum().item()
+        rows.append((epoch, t, correct/len(test.dataset), len(train.dataset)/secs))
+        print(f"  reference epoch {epoch}: {t:.0f} s, test accuracy {rows[-1][2]:.4f}", flush=True)
+        if stop_at_target and rows[-1][2] >= TARGET: break
+    return rows
+
+
+def run_digit_train(data):
+    "`digit-train` with its defaults: wall time of the whole command and the test accuracy of its best checkpoint."
+    t0 = time.time()
+    r = subprocess.run([str(Path(sys.executable).parent/'digit-train'), '--quiet', '--run-name', 'bench-defaults'],
+                       capture_output=True, text=True)
+    wall = time.time() - t0
+    if r.returncode: sys.exit(f"digit-train failed: {r.stderr.strip().splitlines()[-1]}")
+    ck = re.search(r'checkpoint\s+(\S+)', r.stdout).group(1)
+    res = json.loads((Path(ck).parent/'result.json').read_text())
+    acc = evaluate(model_from_checkpoint(ck), *data.test)['accuracy']
+    return wall, acc, res['epochs_run']
+
+
+def to_target(rows):
+    return next((f"{t:.1f}" for _, t, acc, _ in rows if acc >= TARGET), 'not reached')
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--parts', default='fast,reference,digit-train', help="which to run, comma-separated")
+    ap.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda'")
+    ap.add_argument('--reference-epochs', type=int, default=14, help="epochs of the reference (the example's default: 14)")
+    ap.add_argument('--stop-at-target', action=argparse.BooleanOptionalAction, default=True,
+                    help="stop the reference once it reaches 99.0%% test accuracy")
+    a = ap.parse_args()
+    parts = a.parts.split(',')
+    prepare_data(quiet=True)
+    data = load_cleaned()
+    dev = get_device(a.device)
+    print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, dataset {data.version}\n", flush=True)
+    res = {}
+    if 'fast' in parts: res['fast'] = run_fast(data, a.device)
+    if 'reference' in parts: res['reference'] = run_reference(a.device, a.reference_epochs, a.stop_at_target)
+    print(f"\n| recipe | epochs | training s | s to {TARGET:.1%} test acc | test acc per epoch | images/s |")
+    print("|---|---|---|---|---|---|")
+    for k, rows in res.items():
+        print(f"| {k} | {len(rows)} | {rows[-1][1]:.1f} | {to_target(rows)} | {' '.join(f'{r[2]:.4f}' for r in rows)} | "
+              f"{sum(r[3] for r in rows)/len(rows):,.0f} |")
+    if 'fast' in res and 'reference' in res:
+        f, r = to_target(res['fast']), to_target(res['reference'])
+        if 'not' not in f and 'not' not in r: print(f"\nspeed-up to {TARGET:.1%}: {float(r)/float(f):.1f}x")
+    if 'digit-train' in parts:
+        wall, acc, ep = run_digit_train(data)
+        print(f"\ndigit-train (defaults): {wall:.0f} s wall for the whole command, {ep} epochs, test accuracy {acc:.4f}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,176 @@
+"`digit-train` and `digit-sweep` against a real MLflow server with login: what lands there, and what happens when it can't."
+import json, re
+from pathlib import Path
+import numpy as np
+import pytest
+
+TINY = ['--epochs', '2', '--max-train-samples', '1000', '--batch-size', '100']
+
+
+@pytest.fixture(scope='module')
+def data_ready(run_cli):
+    run_cli('digit-data', check=0)          # the project's dataset_cleaned/ (reused when current)
+
+
+@pytest.fixture(scope='module')
+def run_cli(tmp_path_factory):
+    from conftest import ROOT, BIN
+    import os, subprocess
+    def run(cmd, *args, env=None, check=None, timeout=900):
+        e = {**os.environ, **(env or {})}
+        r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+        if check is not None: assert r.returncode == check, f"{cmd} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+    return run
+
+
+def server_env(server, results, password=None):
+    uri, user, pw = server
+    return {'MLFLOW_TRACKING_URI': uri, 'MLFLOW_TRACKING_USERNAME': user, 'MLFLOW_TRACKING_PASSWORD': password or pw,
+            'DIGIT_PATHS_RESULTS_DIR': str(results)}
+
+
+@pytest.fixture(scope='module')
+def client(mlflow_server):
+    import os, mlflow
+    uri, user, pw = mlflow_server
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, mlflow_server, run_cli, data_ready):
+    results = tmp_path_factory.mktemp('results')
+    r = run_cli('digit-train', *TINY, '--run-name', 'tiny', env=server_env(mlflow_server, results), check=0)
+    rid = re.search(r'^run ([0-9a-f]{32}):', r.stdout, re.M).group(1)
+    return rid, results, r
+
+
+def test_run_is_recorded(trained, client):
+    rid, results, r = trained
+    run = client.get_run(rid)
+    assert run.info.status == 'FINISHED' and run.info.run_name == 'tiny'
+    p = run.data.params
+    assert (p['model'], p['epochs'], p['max_train_samples'], p['batch_size']) == ('cnn', '2', '1000', '100')
+    assert {'lr', 'optimizer', 'schedule', 'weight_decay', 'augment', 'seed', 'device', 'patience'} <= set(p)
+    for k in ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'lr', 'epoch_seconds', 'images_per_second'):
+        assert [m.step for m in client.get_metric_history(rid, k)] == [1, 2], k
+    manifest = json.loads((Path(__file__).parent.parent/'dataset_cleaned'/'manifest.json').read_text())
+    t = run.data.tags
+    assert t['dataset_version'] == manifest['version'] and t['device'] == 'cpu' and t['torch_version']
+    assert re.fullmatch(r'[0-9a-f]{40}|unknown', t['git_commit'])
+    ds = run.inputs.dataset_inputs
+    assert len(ds) == 1 and ds[0].dataset.digest == manifest['version']
+    assert {o.value for o in ds[0].tags} >= {'training'}
+    arts = {a.path for a in client.list_artifacts(rid)}
+    assert {'curves.png', 'notebook'} <= arts
+    nb = [a.path for a in client.list_artifacts(rid, 'notebook')]
+    assert nb == [f'notebook/{rid}.ipynb']
+    assert (results/rid/'best.pt').is_file() and (results/rid/'last.pt').is_file()
+
+
+def test_logged_model_predicts(trained, client):
+    import mlflow, torch
+    rid = trained[0]
+    m = mlflow.pytorch.load_model(f"runs:/{rid}/model")
+    from digit_recognition.data import load_cleaned
+    x, y = load_cleaned(splits=('val',)).val
+    with torch.no_grad(): p = m(x[:200].float()/255)
+    assert p.shape == (200, 10)
+    assert torch.allclose(p.sum(1), torch.ones(200), atol=1e-5)
+    assert (p.argmax(1) == y[:200]).float().mean() > 0.7
+    info = mlflow.models.get_model_info(f"runs:/{rid}/model")
+    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]['tensor-spec']['shape']) == (-1, 1, 28, 28)
+
+
+def test_executed_notebook_and_no_secrets(trained, client, mlflow_server, tmp_path):
+    rid, results, r = trained
+    pw = mlflow_server[2]
+    local = client.download_artifacts(rid, f'notebook/{rid}.ipynb', str(tmp_path))
+    text = Path(local).read_text()
+    nb = json.loads(text)
+    assert nb['metadata']['papermill']['parameters']['run_id'] == rid
+    assert any('injected-parameters' in c['metadata'].get('tags', []) for c in nb['cells'])
+    assert 'best_val_accuracy' in text and not any('test_eq' in ''.join(c['source']) for c in nb['cells'])
+    assert pw not in text and pw not in r.stdout and pw not in r.stderr
+    run = client.get_run(rid)
+    assert pw not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+
+
+def test_sweep_parent_and_children(tmp_path, mlflow_server, run_cli, client, data_ready):
+    r = run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'model=cnn', '--jobs', '2', '--epochs', '1',
+                '--max-train-samples', '600', '--no-augment', env=server_env(mlflow_server, tmp_path), check=0)
+    pid = re.search(r'^sweep ([0-9a-f]{32}):', r.stdout, re.M).group(1)
+    parent = client.get_run(pid)
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{pid}'")
+    assert sorted(c.data.params['lr'] for c in children) == ['0.003', '0.03']
+    assert all(c.info.status == 'FINISHED' and c.data.params['epochs'] == '1' for c in children)
+    local = Path(client.download_artifacts(pid, 'comparison.csv', str(tmp_path)))
+    rows = local.read_text().splitlines()
+    assert rows[0].startswith('lr,model,status,best_val_accuracy')
+    accs = [float(l.split(',')[3]) for l in rows[1:]]
+    assert len(accs) == 2 and accs == sorted(accs, reverse=True)
+    assert {a.path for a in client.list_artifacts(pid)} >= {'comparison.csv', 'comparison.md', 'comparison.png'}
+    best = max(children, key=lambda c: c.data.metrics['best_val_accuracy'])
+    assert parent.data.tags['best_run_id'] == best.info.run_id
+
+
+def test_sweep_failed_child_does_not_stop_others(tmp_path, mlflow_server, run_cli, client, data_ready):
+    r = run_cli('digit-sweep', '--grid', 'optimizer=adamw,lion', '--epochs', '1', '--max-train-samples', '300',
+                env=server_env(mlflow_server, tmp_path))
+    assert r.returncode == 1 and "optimizer: unknown 'lion'" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == 'error: 1 of 2 runs failed (see the table above)'
+    assert re.search(r'\| adamw \| ok \| 0\.\d{4} \|', r.stdout)
+
+
+def test_wrong_password_fails_fast_and_keeps_checkpoint(trained, mlflow_server, run_cli):
+    rid, results, _ = trained
+    before = {p.name: p.read_bytes() for p in (results/rid).glob('*.pt')}
+    env = server_env(mlflow_server, results, password='not-the-password')
+    r = run_cli('digit-train', *TINY, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (f"error: tracking server {mlflow_server[0]} refused the credentials; "
+                                                 "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    assert 'Traceback' not in r.stderr and 'not-the-password' not in r.stderr + r.stdout
+    r2 = run_cli('digit-train', '--resume', rid, '--epochs', '3', env=env)
+    assert r2.returncode == 1 and 'refused the credentials' in r2.stderr
+    assert {p.name: p.read_bytes() for p in (results/rid).glob('*.pt')} == before
+    assert sorted(p.name for p in results.iterdir() if p.name != 'notebooks') == [rid]   # no new run folder
+
+
+def test_unreachable_server(tmp_path, run_cli):
+    from conftest import free_port
+    r = run_cli('digit-train', *TINY, env={'MLFLOW_TRACKING_URI': f'http://127.0.0.1:{free_port()}',
+                                           'DIGIT_PATHS_RESULTS_DIR': str(tmp_path)})
+    assert r.returncode == 1 and 'cannot be reached' in r.stderr.strip().splitlines()[-1]
+
+
+def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client, data_ready):
+    "A run killed mid-training keeps its last completed epoch; --resume finishes it in the same MLflow run."
+    import os, signal, subprocess, time, torch
+    from conftest import ROOT, BIN
+    env = {**os.environ, **server_env(mlflow_server, tmp_path)}
+    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '8', '--max-train-samples', '2000', '--quiet'], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob('*/last.pt')) and time.time() < deadline and p.poll() is None: time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL); p.wait()
+    last = next(tmp_path.glob('*/last.pt')); rid = last.parent.name
+    ck = torch.load(last, weights_only=True)
+    assert 1 <= ck['epoch'] < 8 and (last.parent/'best.pt').is_file()
+    assert not list(last.parent.glob('.*.part'))          # no half-written checkpoint left behind
+    r = subprocess.run([str(BIN/'digit-train'), '--resume', rid], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming run {rid} after epoch {ck['epoch']} of 8" in r.stdout and f'run {rid}:' in r.stdout
+    steps = [m.step for m in client.get_metric_history(rid, 'val_accuracy')]
+    assert sorted(set(steps)) == list(range(1, 9))
+    assert client.get_run(rid).info.status == 'FINISHED'
+
+
+def test_bad_parameter_is_one_line(tmp_path, run_cli, data_ready):
+    r = run_cli('digit-train', '--model', 'resnet', '--epochs', '1', env={'DIGIT_PATHS_RESULTS_DIR': str(tmp_path),
+                'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: model: unknown model 'resnet' (expected one of mlp, cnn)")
