@@ -7,12 +7,12 @@ Docs: https://digit-recognition.github.io/digit-recognition/training.html.md"""
 # %% auto #0
 __all__ = ['TRAIN_PARAMS', 'INTERNAL_PARAMS', 'augment_batch', 'evaluate', 'progress_bar', 'train_epoch', 'make_optimizer',
            'make_schedule', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'fit', 'plot_curves',
-           'connect_tracking', 'Probabilities', 'git_commit', 'dataset_input', 'log_model', 'train',
+           'redact', 'connect_tracking', 'Probabilities', 'git_commit', 'dataset_input', 'log_model', 'train',
            'training_notebook', 'papermill_notebook', 'notebook_parameters', 'add_parameter_flags', 'train_parser',
            'run_training', 'digit_train']
 
-# %% ../nbs/03_training.ipynb #558c854e
-import json, math, os, subprocess, time, warnings
+# %% ../nbs/03_training.ipynb #20fe5ce7
+import json, math, os, re, subprocess, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .config import Settings, DigitError, get_device, seed_everything, tracking_
 from .data import load_cleaned, atomic_write
 from .model import get_model
 
-# %% ../nbs/03_training.ipynb #2e51fe8a
+# %% ../nbs/03_training.ipynb #c81c6e13
 def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0.1, generator=None) -> torch.Tensor:
     "Randomly rotate (+-`degrees`), shift (+-`shift` pixels) and scale (+-`scale`) each image of `x` (Nx1xHxW)."
     n, dev = x.shape[0], x.device
@@ -37,7 +37,7 @@ def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/03_training.ipynb #ca00952b
+# %% ../nbs/03_training.ipynb #43ecc533
 def _batches(n:int, batch_size:int, generator=None):
     "Index tensors of `batch_size` over `n` items, shuffled when `generator` is given."
     idx = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -58,7 +58,7 @@ def evaluate(model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=100
         loss += F.cross_entropy(out, t, reduction='sum').item(); correct += (out.argmax(1) == t).sum().item()
     return {'loss': loss/len(y), 'accuracy': correct/len(y)}
 
-# %% ../nbs/03_training.ipynb #ad66a4ed
+# %% ../nbs/03_training.ipynb #6ff1a31a
 def progress_bar(*args, **kwargs):
     "A tqdm bar: a widget in Jupyter, text in a terminal or when `digit-train` streams a papermill run (DIGIT_TEXT_PROGRESS)."
     return (tqdm.std.tqdm if os.environ.get('DIGIT_TEXT_PROGRESS') else tqdm.auto.tqdm)(*args, **kwargs)
@@ -80,7 +80,7 @@ def train_epoch(model, x, y, opt, sched=None, batch_size:int=128, augment:bool=T
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
-# %% ../nbs/03_training.ipynb #5f63781a
+# %% ../nbs/03_training.ipynb #f04dad1e
 def make_optimizer(name:str, params, lr:float, weight_decay:float=0.0):
     "An optimiser by name: 'adamw', 'adam', 'sgd' (Nesterov momentum 0.9) or 'adadelta'."
     opts = {'adamw': lambda: torch.optim.AdamW(params, lr, weight_decay=weight_decay),
@@ -100,7 +100,7 @@ def make_schedule(name:str, opt, lr:float, total_steps:int, steps_per_epoch:int)
     if name not in scheds: raise DigitError(f"schedule: unknown '{name}' (expected one of {', '.join(scheds)})")
     return scheds[name]()
 
-# %% ../nbs/03_training.ipynb #ee002f2a
+# %% ../nbs/03_training.ipynb #f6219c65
 def save_checkpoint(path, **state) -> Path:
     "Write `state` (tensors and plain values only) to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -118,7 +118,7 @@ def model_from_checkpoint(path) -> nn.Module:
     m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
     return m.eval()
 
-# %% ../nbs/03_training.ipynb #36c88118
+# %% ../nbs/03_training.ipynb #39c71c66
 def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|None=None) -> dict:
     "Train `model` on `data` (a `CleanedData`) with `params`; checkpoints to `out_dir`; returns the final state."
     p, out_dir = params, Path(out_dir)
@@ -156,7 +156,7 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         if on_epoch: on_epoch(metrics, epoch)
     return st
 
-# %% ../nbs/03_training.ipynb #2fd77fe9
+# %% ../nbs/03_training.ipynb #1a88518b
 def plot_curves(history:list, title:str=''):
     "Training and validation loss and accuracy per epoch."
     ep = [h['epoch'] for h in history]
@@ -169,7 +169,7 @@ def plot_curves(history:list, title:str=''):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_training.ipynb #c77a734f
+# %% ../nbs/03_training.ipynb #cb554e8f
 def _dagshub(s:Settings):
     "Point MLflow at DagsHub when DAGSHUB_REPO is set, with the token from DAGSHUB_USER_TOKEN (never a browser login)."
     repo = os.environ.get('DAGSHUB_REPO', '').strip()
@@ -187,9 +187,13 @@ def _tracking_error(uri:str, e:Exception) -> DigitError:
     "A one-line error for a tracking server that failed, without credentials."
     msg = str(e)
     if any(c in msg for c in ('401', '403', 'Unauthorized', 'Forbidden', 'Permission')):
-        return DigitError(f"tracking server {uri} refused the credentials; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        return DigitError(f"tracking server {redact(uri)} refused the credentials; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
-    return DigitError(f"tracking server {uri} cannot be reached ({first})")
+    return DigitError(f"tracking server {redact(uri)} cannot be reached ({first})")
+
+def redact(uri:str) -> str:
+    "`uri` with any user and password in it masked, for printing and logging."
+    return re.sub(r'//[^/@\s]+@', '//***@', uri)
 
 def connect_tracking(settings:Settings|None=None) -> str:
     "Configure MLflow from settings, `.env` and the environment; check a remote server answers. Returns the URI."
@@ -203,7 +207,7 @@ def connect_tracking(settings:Settings|None=None) -> str:
         except Exception as e: raise _tracking_error(uri, e) from None
     return uri
 
-# %% ../nbs/03_training.ipynb #6459377b
+# %% ../nbs/03_training.ipynb #e27bb23e
 class Probabilities(nn.Module):
     "Wrap a classifier so that it returns class probabilities."
     def __init__(self, model:nn.Module): super().__init__(); self.model = model
@@ -237,7 +241,7 @@ def log_model(model:nn.Module, example:torch.Tensor):
                                         code_paths=[str(Path(digit_recognition.__file__).parent)],
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", 'numpy'])
 
-# %% ../nbs/03_training.ipynb #56d66b6a
+# %% ../nbs/03_training.ipynb #2ea42d13
 TRAIN_PARAMS = ('model', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing',
                 'augment', 'seed', 'device', 'max_train_samples', 'patience')
 
@@ -250,6 +254,21 @@ def _resume_state(resume:str, results_dir:Path):
     st = load_checkpoint(p)
     if 'optimizer' not in st: raise DigitError(f"resume: {p} has no optimiser state (expected a last.pt)")
     return st, p.parent.name
+
+def _record_training(net, data, out, params, state, dev, s:Settings) -> dict:
+    "Inside the active MLflow run: log parameters, tags and dataset, train, then log curves and model."
+    resumed = state is not None
+    if not resumed: mlflow.log_params(params)
+    mlflow.set_tags({'dataset_version': data.version, 'git_commit': git_commit(s.root), 'device': str(dev),
+                     'torch_version': torch.__version__, 'checkpoint_dir': str(out)})
+    if not resumed:
+        mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training', tags={'dataset_version': data.version})
+    st = fit(net, data, out, params, on_epoch=lambda m, e: mlflow.log_metrics(m, step=e), state=state)
+    fig = plot_curves(st['history'], f"run {mlflow.active_run().info.run_id}"); fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
+    mlflow.log_artifact(str(out/'curves.png'))
+    mlflow.log_metrics({'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch']})
+    log_model(model_from_checkpoint(out/'best.pt'), data.val[0][:1])
+    return st
 
 def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
           label_smoothing=0.1, augment=True, seed=42, device='auto', max_train_samples=0, patience=3, experiment='', run_name='',
@@ -264,7 +283,7 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     state = None
     if resume:
         state, resumed = _resume_state(resume, results)
-        run_id, params = run_id or resumed, state['params']           # continue the run as it was planned
+        run_id, params = run_id or resumed, {**state['params'], 'device': device}   # continue the run as it was planned
         print(f"resuming run {run_id} after epoch {state['epoch']} of {params['epochs']}", flush=True)
     data = load_cleaned(splits=('train', 'val'))
     uri = connect_tracking(s)
@@ -277,29 +296,18 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     rid = run.info.run_id; out = results/rid
     try:
         with run:
-            if not resume: mlflow.log_params(params)
-            mlflow.set_tags({'dataset_version': data.version, 'git_commit': git_commit(s.root), 'device': str(dev),
-                             'torch_version': torch.__version__, 'checkpoint_dir': str(out)})
-            if not resume:
-                mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training',
-                                 tags={'dataset_version': data.version})
-            st = fit(net, data, out, params, on_epoch=lambda m, e: mlflow.log_metrics(m, step=e), state=state)
-            fig = plot_curves(st['history'], f"run {rid}"); fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
-            mlflow.log_artifact(str(out/'curves.png'))
-            best = model_from_checkpoint(out/'best.pt')
-            mlflow.log_metrics({'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch']})
-            log_model(best, data.val[0][:1])
-    except KeyboardInterrupt:
-        print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with resume='{rid}'", flush=True)
-        mlflow.end_run('KILLED'); raise
+            try: st = _record_training(net, data, out, params, state, dev, s)
+            except KeyboardInterrupt:
+                print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with resume='{rid}'", flush=True)
+                mlflow.end_run('KILLED'); raise
     except MlflowException as e:
         raise DigitError(str(_tracking_error(uri, e)).removeprefix('error: ') + f"; the checkpoint so far is kept in {out}") from None
     result = {'run_id': rid, 'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch'],
-              'epochs_run': st['epoch'], 'checkpoint': str(out/'best.pt'), 'tracking_uri': uri, 'dataset_version': data.version}
+              'epochs_run': st['epoch'], 'checkpoint': str(out/'best.pt'), 'tracking_uri': redact(uri), 'dataset_version': data.version}
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
-# %% ../nbs/03_training.ipynb #009b1133
+# %% ../nbs/03_training.ipynb #dff1787f
 import argparse, ast, sys
 import papermill as pm
 
@@ -328,7 +336,7 @@ def notebook_parameters(settings:Settings|None=None) -> dict:
         out[name] = {'default': default, 'type': type(default), 'help': p['help']}
     return out
 
-# %% ../nbs/03_training.ipynb #a428721e
+# %% ../nbs/03_training.ipynb #cfcbd679
 def add_parameter_flags(parser:argparse.ArgumentParser, params:dict, show_defaults:bool=True):
     "Add one `--kebab-case` flag per notebook parameter to `parser`."
     for name, p in params.items():
@@ -348,7 +356,7 @@ def train_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 
-# %% ../nbs/03_training.ipynb #e8ff478e
+# %% ../nbs/03_training.ipynb #93b22af5
 def _resume_run_id(resume:str, results:Path) -> str:
     p = Path(resume).expanduser()
     if p.is_file(): return p.parent.name
@@ -389,7 +397,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     res = json.loads((results/rid/'result.json').read_text())
     return {**res, 'notebook': str(out_nb)}
 
-# %% ../nbs/03_training.ipynb #2e7a870c
+# %% ../nbs/03_training.ipynb #af3b1f65
 def digit_train(argv=None):
     "Entry point of `digit-train`."
     args = vars(train_parser().parse_args(argv)); quiet = args.pop('quiet')
