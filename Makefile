@@ -16,6 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	for c in export clean test readme; do ln -sf nbdev-$$c $(BIN)/nbdev_$$c; done  # nbdev 2 names, still in guides and hooks
 	touch $@
 
 data: setup  ## get, verify, clean, split and version MNIST into dataset_cleaned/

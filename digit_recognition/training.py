@@ -7,11 +7,11 @@ Docs: https://digit-recognition.github.io/digit-recognition/training.html.md"""
 # %% auto #0
 __all__ = ['TRAIN_PARAMS', 'INTERNAL_PARAMS', 'augment_batch', 'evaluate', 'progress_bar', 'train_epoch', 'make_optimizer',
            'make_schedule', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'fit', 'plot_curves',
-           'redact', 'connect_tracking', 'Probabilities', 'git_commit', 'dataset_input', 'log_model', 'train',
-           'training_notebook', 'papermill_notebook', 'notebook_parameters', 'add_parameter_flags', 'train_parser',
-           'run_training', 'digit_train']
+           'redact', 'connect_tracking', 'Probabilities', 'git_commit', 'dataset_input', 'log_model', 'check_params',
+           'train', 'training_notebook', 'papermill_notebook', 'notebook_parameters', 'add_parameter_flags',
+           'train_parser', 'run_training', 'digit_train']
 
-# %% ../nbs/03_training.ipynb #20fe5ce7
+# %% ../nbs/03_training.ipynb #e2dbc2ec
 import json, math, os, re, subprocess, time, warnings
 from pathlib import Path
 import numpy as np
@@ -26,7 +26,7 @@ from .config import Settings, DigitError, get_device, seed_everything, tracking_
 from .data import load_cleaned, atomic_write
 from .model import get_model
 
-# %% ../nbs/03_training.ipynb #c81c6e13
+# %% ../nbs/03_training.ipynb #da9017cf
 def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0.1, generator=None) -> torch.Tensor:
     "Randomly rotate (+-`degrees`), shift (+-`shift` pixels) and scale (+-`scale`) each image of `x` (Nx1xHxW)."
     n, dev = x.shape[0], x.device
@@ -37,7 +37,7 @@ def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/03_training.ipynb #43ecc533
+# %% ../nbs/03_training.ipynb #29be7999
 def _batches(n:int, batch_size:int, generator=None):
     "Index tensors of `batch_size` over `n` items, shuffled when `generator` is given."
     idx = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -58,7 +58,7 @@ def evaluate(model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=100
         loss += F.cross_entropy(out, t, reduction='sum').item(); correct += (out.argmax(1) == t).sum().item()
     return {'loss': loss/len(y), 'accuracy': correct/len(y)}
 
-# %% ../nbs/03_training.ipynb #6ff1a31a
+# %% ../nbs/03_training.ipynb #6244cde8
 def progress_bar(*args, **kwargs):
     "A tqdm bar: a widget in Jupyter, text in a terminal or when `digit-train` streams a papermill run (DIGIT_TEXT_PROGRESS)."
     return (tqdm.std.tqdm if os.environ.get('DIGIT_TEXT_PROGRESS') else tqdm.auto.tqdm)(*args, **kwargs)
@@ -80,7 +80,7 @@ def train_epoch(model, x, y, opt, sched=None, batch_size:int=128, augment:bool=T
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
-# %% ../nbs/03_training.ipynb #f04dad1e
+# %% ../nbs/03_training.ipynb #09efd32a
 def make_optimizer(name:str, params, lr:float, weight_decay:float=0.0):
     "An optimiser by name: 'adamw', 'adam', 'sgd' (Nesterov momentum 0.9) or 'adadelta'."
     opts = {'adamw': lambda: torch.optim.AdamW(params, lr, weight_decay=weight_decay),
@@ -100,7 +100,7 @@ def make_schedule(name:str, opt, lr:float, total_steps:int, steps_per_epoch:int)
     if name not in scheds: raise DigitError(f"schedule: unknown '{name}' (expected one of {', '.join(scheds)})")
     return scheds[name]()
 
-# %% ../nbs/03_training.ipynb #f6219c65
+# %% ../nbs/03_training.ipynb #f7f1edd9
 def save_checkpoint(path, **state) -> Path:
     "Write `state` (tensors and plain values only) to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -118,7 +118,7 @@ def model_from_checkpoint(path) -> nn.Module:
     m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
     return m.eval()
 
-# %% ../nbs/03_training.ipynb #39c71c66
+# %% ../nbs/03_training.ipynb #0b700393
 def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|None=None) -> dict:
     "Train `model` on `data` (a `CleanedData`) with `params`; checkpoints to `out_dir`; returns the final state."
     p, out_dir = params, Path(out_dir)
@@ -156,7 +156,7 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         if on_epoch: on_epoch(metrics, epoch)
     return st
 
-# %% ../nbs/03_training.ipynb #1a88518b
+# %% ../nbs/03_training.ipynb #a680ce92
 def plot_curves(history:list, title:str=''):
     "Training and validation loss and accuracy per epoch."
     ep = [h['epoch'] for h in history]
@@ -169,7 +169,7 @@ def plot_curves(history:list, title:str=''):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_training.ipynb #cb554e8f
+# %% ../nbs/03_training.ipynb #07d1a5e5
 def _dagshub(s:Settings):
     "Point MLflow at DagsHub when DAGSHUB_REPO is set, with the token from DAGSHUB_USER_TOKEN (never a browser login)."
     repo = os.environ.get('DAGSHUB_REPO', '').strip()
@@ -207,7 +207,7 @@ def connect_tracking(settings:Settings|None=None) -> str:
         except Exception as e: raise _tracking_error(uri, e) from None
     return uri
 
-# %% ../nbs/03_training.ipynb #e27bb23e
+# %% ../nbs/03_training.ipynb #c9df0c07
 class Probabilities(nn.Module):
     "Wrap a classifier so that it returns class probabilities."
     def __init__(self, model:nn.Module): super().__init__(); self.model = model
@@ -241,7 +241,7 @@ def log_model(model:nn.Module, example:torch.Tensor):
                                         code_paths=[str(Path(digit_recognition.__file__).parent)],
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", 'numpy'])
 
-# %% ../nbs/03_training.ipynb #2ea42d13
+# %% ../nbs/03_training.ipynb #0410468b
 TRAIN_PARAMS = ('model', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing',
                 'augment', 'seed', 'device', 'max_train_samples', 'patience')
 
@@ -254,6 +254,17 @@ def _resume_state(resume:str, results_dir:Path):
     st = load_checkpoint(p)
     if 'optimizer' not in st: raise DigitError(f"resume: {p} has no optimiser state (expected a last.pt)")
     return st, p.parent.name
+
+def check_params(p:dict):
+    "Raise a one-line `DigitError` for a parameter that cannot work, before any run is created."
+    get_model(p['model']); get_device(p['device'])
+    for k in ('epochs', 'batch_size'):
+        if int(p[k]) < 1: raise DigitError(f"{k}: {p[k]} (expected at least 1)")
+    for k in ('lr', 'weight_decay', 'max_train_samples', 'patience'):
+        if float(p[k]) < 0: raise DigitError(f"{k}: {p[k]} (expected 0 or more)")
+    if not 0 <= float(p['label_smoothing']) < 1: raise DigitError(f"label_smoothing: {p['label_smoothing']} (expected 0 to 1)")
+    opt = make_optimizer(p['optimizer'], [torch.zeros(1, requires_grad=True)], 1.0)
+    make_schedule(p['schedule'], opt, 1.0, 1, 1)
 
 def _record_training(net, data, out, params, state, dev, s:Settings) -> dict:
     "Inside the active MLflow run: log parameters, tags and dataset, train, then log curves and model."
@@ -277,8 +288,7 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     s = Settings()
     params = dict(zip(TRAIN_PARAMS, (model, int(epochs), int(batch_size), float(lr), optimizer, schedule, float(weight_decay),
                                      float(label_smoothing), bool(augment), int(seed), device, int(max_train_samples), int(patience))))
-    get_model(model); dev = get_device(device)                      # check names before anything is created
-    if params['epochs'] < 1 or params['batch_size'] < 1: raise DigitError("epochs and batch_size: expected at least 1")
+    check_params(params); dev = get_device(device)
     results = s.path('paths', 'results_dir')
     state = None
     if resume:
@@ -307,7 +317,7 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
-# %% ../nbs/03_training.ipynb #dff1787f
+# %% ../nbs/03_training.ipynb #c24e9ac0
 import argparse, ast, sys
 import papermill as pm
 
@@ -336,7 +346,7 @@ def notebook_parameters(settings:Settings|None=None) -> dict:
         out[name] = {'default': default, 'type': type(default), 'help': p['help']}
     return out
 
-# %% ../nbs/03_training.ipynb #cfcbd679
+# %% ../nbs/03_training.ipynb #34e5024e
 def add_parameter_flags(parser:argparse.ArgumentParser, params:dict, show_defaults:bool=True):
     "Add one `--kebab-case` flag per notebook parameter to `parser`."
     for name, p in params.items():
@@ -356,7 +366,7 @@ def train_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 
-# %% ../nbs/03_training.ipynb #93b22af5
+# %% ../nbs/03_training.ipynb #0ea04a00
 def _resume_run_id(resume:str, results:Path) -> str:
     p = Path(resume).expanduser()
     if p.is_file(): return p.parent.name
@@ -367,6 +377,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     "Run the training notebook with `params` under papermill as one MLflow run; returns its result."
     s = settings or Settings()
     params = {k: v for k, v in params.items() if k not in INTERNAL_PARAMS}
+    if not params.get('resume'): check_params(params)              # a bad value fails here, before a run exists
     uri = connect_tracking(s)
     results = s.path('paths', 'results_dir')
     client = mlflow.MlflowClient(uri)
@@ -397,7 +408,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     res = json.loads((results/rid/'result.json').read_text())
     return {**res, 'notebook': str(out_nb)}
 
-# %% ../nbs/03_training.ipynb #af3b1f65
+# %% ../nbs/03_training.ipynb #a40d4530
 def digit_train(argv=None):
     "Entry point of `digit-train`."
     args = vars(train_parser().parse_args(argv)); quiet = args.pop('quiet')
