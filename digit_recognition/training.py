@@ -7,14 +7,13 @@ Docs: https://digit-recognition.github.io/digit-recognition/training.html.md"""
 # %% auto #0
 __all__ = ['TRAIN_PARAMS', 'INTERNAL_PARAMS', 'augment_batch', 'evaluate', 'progress_bar', 'train_epoch', 'make_optimizer',
            'make_schedule', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'fit', 'plot_curves',
-           'redact', 'connect_tracking', 'Probabilities', 'git_commit', 'dataset_input', 'log_model', 'check_params',
-           'train', 'training_notebook', 'papermill_notebook', 'notebook_parameters', 'add_parameter_flags',
-           'train_parser', 'run_training', 'digit_train']
+           'redact', 'connect_tracking', 'Probabilities', 'git_commit', 'dataset_input', 'log_model',
+           'resume_checkpoint', 'check_params', 'train', 'training_notebook', 'papermill_notebook',
+           'notebook_parameters', 'add_parameter_flags', 'train_parser', 'run_training', 'digit_train']
 
-# %% ../nbs/03_training.ipynb #e2dbc2ec
+# %% ../nbs/03_training.ipynb #5b5a0350
 import json, math, os, re, subprocess, time, warnings
 from pathlib import Path
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +25,7 @@ from .config import Settings, DigitError, get_device, seed_everything, tracking_
 from .data import load_cleaned, atomic_write
 from .model import get_model
 
-# %% ../nbs/03_training.ipynb #da9017cf
+# %% ../nbs/03_training.ipynb #1bd38441
 def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0.1, generator=None) -> torch.Tensor:
     "Randomly rotate (+-`degrees`), shift (+-`shift` pixels) and scale (+-`scale`) each image of `x` (Nx1xHxW)."
     n, dev = x.shape[0], x.device
@@ -37,7 +36,7 @@ def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/03_training.ipynb #29be7999
+# %% ../nbs/03_training.ipynb #c169b4da
 def _batches(n:int, batch_size:int, generator=None):
     "Index tensors of `batch_size` over `n` items, shuffled when `generator` is given."
     idx = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -58,7 +57,7 @@ def evaluate(model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=100
         loss += F.cross_entropy(out, t, reduction='sum').item(); correct += (out.argmax(1) == t).sum().item()
     return {'loss': loss/len(y), 'accuracy': correct/len(y)}
 
-# %% ../nbs/03_training.ipynb #6244cde8
+# %% ../nbs/03_training.ipynb #6213f546
 def progress_bar(*args, **kwargs):
     "A tqdm bar: a widget in Jupyter, text in a terminal or when `digit-train` streams a papermill run (DIGIT_TEXT_PROGRESS)."
     return (tqdm.std.tqdm if os.environ.get('DIGIT_TEXT_PROGRESS') else tqdm.auto.tqdm)(*args, **kwargs)
@@ -80,7 +79,7 @@ def train_epoch(model, x, y, opt, sched=None, batch_size:int=128, augment:bool=T
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
-# %% ../nbs/03_training.ipynb #09efd32a
+# %% ../nbs/03_training.ipynb #bad8739b
 def make_optimizer(name:str, params, lr:float, weight_decay:float=0.0):
     "An optimiser by name: 'adamw', 'adam', 'sgd' (Nesterov momentum 0.9) or 'adadelta'."
     opts = {'adamw': lambda: torch.optim.AdamW(params, lr, weight_decay=weight_decay),
@@ -100,7 +99,7 @@ def make_schedule(name:str, opt, lr:float, total_steps:int, steps_per_epoch:int)
     if name not in scheds: raise DigitError(f"schedule: unknown '{name}' (expected one of {', '.join(scheds)})")
     return scheds[name]()
 
-# %% ../nbs/03_training.ipynb #f7f1edd9
+# %% ../nbs/03_training.ipynb #1250b794
 def save_checkpoint(path, **state) -> Path:
     "Write `state` (tensors and plain values only) to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -118,7 +117,7 @@ def model_from_checkpoint(path) -> nn.Module:
     m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
     return m.eval()
 
-# %% ../nbs/03_training.ipynb #0b700393
+# %% ../nbs/03_training.ipynb #6b90d6b2
 def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|None=None) -> dict:
     "Train `model` on `data` (a `CleanedData`) with `params`; checkpoints to `out_dir`; returns the final state."
     p, out_dir = params, Path(out_dir)
@@ -156,7 +155,7 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         if on_epoch: on_epoch(metrics, epoch)
     return st
 
-# %% ../nbs/03_training.ipynb #a680ce92
+# %% ../nbs/03_training.ipynb #42d1d1e2
 def plot_curves(history:list, title:str=''):
     "Training and validation loss and accuracy per epoch."
     ep = [h['epoch'] for h in history]
@@ -169,7 +168,7 @@ def plot_curves(history:list, title:str=''):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_training.ipynb #07d1a5e5
+# %% ../nbs/03_training.ipynb #61cb8fbc
 def _dagshub(s:Settings):
     "Point MLflow at DagsHub when DAGSHUB_REPO is set, with the token from DAGSHUB_USER_TOKEN (never a browser login)."
     repo = os.environ.get('DAGSHUB_REPO', '').strip()
@@ -207,7 +206,7 @@ def connect_tracking(settings:Settings|None=None) -> str:
         except Exception as e: raise _tracking_error(uri, e) from None
     return uri
 
-# %% ../nbs/03_training.ipynb #c9df0c07
+# %% ../nbs/03_training.ipynb #9ca1397d
 class Probabilities(nn.Module):
     "Wrap a classifier so that it returns class probabilities."
     def __init__(self, model:nn.Module): super().__init__(); self.model = model
@@ -241,16 +240,21 @@ def log_model(model:nn.Module, example:torch.Tensor):
                                         code_paths=[str(Path(digit_recognition.__file__).parent)],
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", 'numpy'])
 
-# %% ../nbs/03_training.ipynb #0410468b
+# %% ../nbs/03_training.ipynb #871c0b2f
 TRAIN_PARAMS = ('model', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing',
                 'augment', 'seed', 'device', 'max_train_samples', 'patience')
 
-def _resume_state(resume:str, results_dir:Path):
-    "`(state, run_id)` from a checkpoint path or a run id."
+def resume_checkpoint(resume:str, results_dir:Path) -> Path:
+    "The `last.pt` that `resume` names: a checkpoint path, a run folder, or a run id under `results_dir`."
     p = Path(resume).expanduser()
     if not p.exists(): p = results_dir/resume/'last.pt'
     if p.is_dir(): p = p/'last.pt'
     if not p.is_file(): raise DigitError(f"resume: '{resume}' is neither a checkpoint nor a run id with {p}")
+    return p
+
+def _resume_state(resume:str, results_dir:Path):
+    "`(state, run_id)` from a checkpoint path or a run id."
+    p = resume_checkpoint(resume, results_dir)
     st = load_checkpoint(p)
     if 'optimizer' not in st: raise DigitError(f"resume: {p} has no optimiser state (expected a last.pt)")
     return st, p.parent.name
@@ -317,7 +321,7 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
-# %% ../nbs/03_training.ipynb #c24e9ac0
+# %% ../nbs/03_training.ipynb #d3693a48
 import argparse, ast, sys
 import papermill as pm
 
@@ -346,13 +350,13 @@ def notebook_parameters(settings:Settings|None=None) -> dict:
         out[name] = {'default': default, 'type': type(default), 'help': p['help']}
     return out
 
-# %% ../nbs/03_training.ipynb #34e5024e
-def add_parameter_flags(parser:argparse.ArgumentParser, params:dict, show_defaults:bool=True):
+# %% ../nbs/03_training.ipynb #97d399a4
+def add_parameter_flags(parser:argparse.ArgumentParser, params:dict):
     "Add one `--kebab-case` flag per notebook parameter to `parser`."
     for name, p in params.items():
         if name in INTERNAL_PARAMS: continue
         flag, d = '--' + name.replace('_', '-'), p['default']
-        shown = f"{p['help']} (default: {d!r})" if show_defaults else p['help']
+        shown = f"{p['help']} (default: {d!r})"
         if p['type'] is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=d, help=shown)
         else: parser.add_argument(flag, type=p['type'], default=d, metavar=p['type'].__name__.upper(), help=shown)
     return parser
@@ -366,13 +370,7 @@ def train_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 
-# %% ../nbs/03_training.ipynb #0ea04a00
-def _resume_run_id(resume:str, results:Path) -> str:
-    p = Path(resume).expanduser()
-    if p.is_file(): return p.parent.name
-    if (results/resume/'last.pt').is_file(): return resume
-    raise DigitError(f"resume: '{resume}' is neither a checkpoint nor a run id with {results/resume/'last.pt'}")
-
+# %% ../nbs/03_training.ipynb #eb080b4c
 def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settings:Settings|None=None) -> dict:
     "Run the training notebook with `params` under papermill as one MLflow run; returns its result."
     s = settings or Settings()
@@ -383,7 +381,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     client = mlflow.MlflowClient(uri)
     try:
         exp = mlflow.set_experiment(params.get('experiment') or s.get('mlflow', 'experiment'))
-        if params.get('resume'): rid = _resume_run_id(params['resume'], results); client.get_run(rid)
+        if params.get('resume'): rid = resume_checkpoint(params['resume'], results).parent.name; client.get_run(rid)
         else:
             tags = {'mlflow.source.name': 'nbs/03_training.ipynb', 'mlflow.source.type': 'NOTEBOOK'}
             if parent_run_id: tags['mlflow.parentRunId'] = parent_run_id
@@ -408,7 +406,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     res = json.loads((results/rid/'result.json').read_text())
     return {**res, 'notebook': str(out_nb)}
 
-# %% ../nbs/03_training.ipynb #a40d4530
+# %% ../nbs/03_training.ipynb #9e74dab4
 def digit_train(argv=None):
     "Entry point of `digit-train`."
     args = vars(train_parser().parse_args(argv)); quiet = args.pop('quiet')
