@@ -5,8 +5,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Optional: a PyTorch wheel index (e.g. https://download.pytorch.org/whl/cpu for small CPU-only wheels).
 TORCH_INDEX ?=
+# Extra pytest arguments, e.g. PYTEST_ARGS="-x -k client".
+PYTEST_ARGS ?=
 
-.PHONY: help setup data train sweep pipeline test test-notebooks test-pytest lab ui bench export readme
+.PHONY: help setup data train evaluate sweep pipeline predict client test test-notebooks test-pytest lab ui bench export readme
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -28,7 +30,17 @@ train: setup  ## train the default recipe (digit-train), tracked in MLflow
 sweep: setup  ## an example sweep: two learning rates x two models
 	$(BIN)/digit-sweep --grid lr=0.003,0.01 --grid model=mlp,cnn --epochs 3
 
-pipeline: setup data train  ## the whole pipeline on the defaults: data, then training
+evaluate: setup  ## evaluate the latest training run, apply the gate, register it (digit-evaluate)
+	$(BIN)/digit-evaluate
+
+pipeline: setup  ## the whole pipeline on the defaults: data -> train -> evaluate -> register (digit-pipeline)
+	$(BIN)/digit-pipeline
+
+predict: setup  ## read digits from image files with the champion: make predict IMAGES='photos/*.jpg'
+	$(BIN)/digit-predict $(IMAGES)
+
+client: setup  ## the drawing pad (needs a display)
+	$(BIN)/digit-client
 
 test: setup data test-notebooks test-pytest  ## every test: the notebooks (nbdev-test), then pytest
 
@@ -36,7 +48,7 @@ test-notebooks: setup
 	$(BIN)/nbdev-test --n-workers 2
 
 test-pytest: setup
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 lab: setup  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab nbs

@@ -7,12 +7,12 @@ Docs: https://digit-recognition.github.io/digit-recognition/model.html.md"""
 # %% auto #0
 __all__ = ['MNIST_MEAN', 'MNIST_STD', 'MODELS', 'Normalize', 'mlp', 'conv_block', 'cnn', 'get_model', 'count_parameters']
 
-# %% ../nbs/02_model.ipynb #226163ef
+# %% ../nbs/02_model.ipynb #3345e451
 import torch
 from torch import nn
 from .config import DigitError
 
-# %% ../nbs/02_model.ipynb #51b9130d
+# %% ../nbs/02_model.ipynb #401793d2
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 class Normalize(nn.Module):
@@ -21,28 +21,31 @@ class Normalize(nn.Module):
         super().__init__()
         self.register_buffer('mean', torch.tensor(mean)); self.register_buffer('std', torch.tensor(std))
     def forward(self, x):
+        "Standardised `x`, as `N x 1 x 28 x 28` floats."
         if x.ndim != 4: x = x.reshape(-1, 1, 28, 28)   # only when needed: a reshape would drop channels-last strides
         return (x.float() - self.mean)/self.std
 
-# %% ../nbs/02_model.ipynb #609397f3
+# %% ../nbs/02_model.ipynb #c658288d
 def mlp(hidden=(256, 128, 64), dropout:float=0.3) -> nn.Sequential:
     "A multi-layer perceptron on flattened 28x28 images."
     layers, n = [Normalize(), nn.Flatten()], 28*28
     for h in hidden: layers += [nn.Linear(n, h), nn.ReLU(), nn.Dropout(dropout)]; n = h
     return nn.Sequential(*layers, nn.Linear(n, 10))
 
-# %% ../nbs/02_model.ipynb #ce01e5c7
+# %% ../nbs/02_model.ipynb #f988e3fb
 def conv_block(c_in:int, c_out:int) -> list:
     "3x3 convolution, batch norm, ReLU, 2x2 max-pool."
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
-def cnn(width:int=16, dropout:float=0.0) -> nn.Sequential:
-    "A compact convolutional network: three conv blocks (`width`, 2x, 4x channels) and a linear classifier."
+def cnn(width:int=16, hidden:int=128, dropout:float=0.0) -> nn.Sequential:
+    "A compact convolutional network: three conv blocks (`width`, 2x, 4x channels) and a classifier with one hidden layer."
     w = [1, width, 2*width, 4*width]
     blocks = [l for i in range(3) for l in conv_block(w[i], w[i+1])]
-    return nn.Sequential(Normalize(), *blocks, nn.Flatten(), nn.Dropout(dropout), nn.Linear(w[3]*3*3, 10))
+    n, head = w[3]*3*3, [nn.Flatten()]
+    if hidden: head += [nn.Linear(n, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]; n = hidden
+    return nn.Sequential(Normalize(), *blocks, *head, nn.Dropout(dropout), nn.Linear(n, 10))
 
-# %% ../nbs/02_model.ipynb #f1462175
+# %% ../nbs/02_model.ipynb #314011c3
 MODELS = {'mlp': mlp, 'cnn': cnn}
 
 def get_model(name:str='cnn', **kwargs) -> nn.Module:

@@ -11,7 +11,7 @@ __all__ = ['TRAIN_PARAMS', 'INTERNAL_PARAMS', 'augment_batch', 'evaluate', 'prog
            'resume_checkpoint', 'check_params', 'train', 'training_notebook', 'papermill_notebook',
            'notebook_parameters', 'add_parameter_flags', 'train_parser', 'run_training', 'digit_train']
 
-# %% ../nbs/03_training.ipynb #5b5a0350
+# %% ../nbs/03_training.ipynb #d71d39c9
 import json, math, os, re, subprocess, time, warnings
 from pathlib import Path
 import torch
@@ -25,7 +25,7 @@ from .config import Settings, DigitError, get_device, seed_everything, tracking_
 from .data import load_cleaned, atomic_write
 from .model import get_model
 
-# %% ../nbs/03_training.ipynb #1bd38441
+# %% ../nbs/03_training.ipynb #1ac0627e
 def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0.1, generator=None) -> torch.Tensor:
     "Randomly rotate (+-`degrees`), shift (+-`shift` pixels) and scale (+-`scale`) each image of `x` (Nx1xHxW)."
     n, dev = x.shape[0], x.device
@@ -36,7 +36,7 @@ def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/03_training.ipynb #c169b4da
+# %% ../nbs/03_training.ipynb #8b7cde61
 def _batches(n:int, batch_size:int, generator=None):
     "Index tensors of `batch_size` over `n` items, shuffled when `generator` is given."
     idx = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -57,7 +57,7 @@ def evaluate(model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=100
         loss += F.cross_entropy(out, t, reduction='sum').item(); correct += (out.argmax(1) == t).sum().item()
     return {'loss': loss/len(y), 'accuracy': correct/len(y)}
 
-# %% ../nbs/03_training.ipynb #6213f546
+# %% ../nbs/03_training.ipynb #251efbc0
 def progress_bar(*args, **kwargs):
     "A tqdm bar: a widget in Jupyter, text in a terminal or when `digit-train` streams a papermill run (DIGIT_TEXT_PROGRESS)."
     return (tqdm.std.tqdm if os.environ.get('DIGIT_TEXT_PROGRESS') else tqdm.auto.tqdm)(*args, **kwargs)
@@ -79,7 +79,7 @@ def train_epoch(model, x, y, opt, sched=None, batch_size:int=128, augment:bool=T
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
-# %% ../nbs/03_training.ipynb #bad8739b
+# %% ../nbs/03_training.ipynb #eb0539da
 def make_optimizer(name:str, params, lr:float, weight_decay:float=0.0):
     "An optimiser by name: 'adamw', 'adam', 'sgd' (Nesterov momentum 0.9) or 'adadelta'."
     opts = {'adamw': lambda: torch.optim.AdamW(params, lr, weight_decay=weight_decay),
@@ -92,14 +92,16 @@ def make_optimizer(name:str, params, lr:float, weight_decay:float=0.0):
 def make_schedule(name:str, opt, lr:float, total_steps:int, steps_per_epoch:int):
     "A per-batch learning-rate schedule by name: 'onecycle', 'cosine', 'step' (x0.7 per epoch) or 'constant'."
     S = torch.optim.lr_scheduler
-    scheds = {'onecycle': lambda: S.OneCycleLR(opt, lr, total_steps=total_steps, pct_start=0.25),
+    # one-cycle needs at least two steps per phase; a run of a handful of batches warms up over half of them
+    scheds = {'onecycle': lambda: S.OneCycleLR(opt, lr, total_steps=total_steps, pct_start=max(0.25, min(0.5, 2/total_steps)))
+                          if total_steps >= 4 else S.ConstantLR(opt, 1.0),
               'cosine': lambda: S.CosineAnnealingLR(opt, total_steps),
               'step': lambda: S.StepLR(opt, steps_per_epoch, gamma=0.7),
               'constant': lambda: S.ConstantLR(opt, 1.0)}
     if name not in scheds: raise DigitError(f"schedule: unknown '{name}' (expected one of {', '.join(scheds)})")
     return scheds[name]()
 
-# %% ../nbs/03_training.ipynb #1250b794
+# %% ../nbs/03_training.ipynb #1a665a47
 def save_checkpoint(path, **state) -> Path:
     "Write `state` (tensors and plain values only) to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -117,7 +119,7 @@ def model_from_checkpoint(path) -> nn.Module:
     m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
     return m.eval()
 
-# %% ../nbs/03_training.ipynb #6b90d6b2
+# %% ../nbs/03_training.ipynb #3ff6dcbe
 def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|None=None) -> dict:
     "Train `model` on `data` (a `CleanedData`) with `params`; checkpoints to `out_dir`; returns the final state."
     p, out_dir = params, Path(out_dir)
@@ -155,7 +157,7 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         if on_epoch: on_epoch(metrics, epoch)
     return st
 
-# %% ../nbs/03_training.ipynb #42d1d1e2
+# %% ../nbs/03_training.ipynb #c4d18544
 def plot_curves(history:list, title:str=''):
     "Training and validation loss and accuracy per epoch."
     ep = [h['epoch'] for h in history]
@@ -168,7 +170,7 @@ def plot_curves(history:list, title:str=''):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_training.ipynb #61cb8fbc
+# %% ../nbs/03_training.ipynb #fd423c31
 def _dagshub(s:Settings):
     "Point MLflow at DagsHub when DAGSHUB_REPO is set, with the token from DAGSHUB_USER_TOKEN (never a browser login)."
     repo = os.environ.get('DAGSHUB_REPO', '').strip()
@@ -206,11 +208,13 @@ def connect_tracking(settings:Settings|None=None) -> str:
         except Exception as e: raise _tracking_error(uri, e) from None
     return uri
 
-# %% ../nbs/03_training.ipynb #9ca1397d
+# %% ../nbs/03_training.ipynb #f4c063cc
 class Probabilities(nn.Module):
     "Wrap a classifier so that it returns class probabilities."
     def __init__(self, model:nn.Module): super().__init__(); self.model = model
-    def forward(self, x): return torch.softmax(self.model(x), dim=1)
+    def forward(self, x):
+        "Class probabilities for images `x`."
+        return torch.softmax(self.model(x), dim=1)
 
 def git_commit(root) -> str:
     "The project's current git commit, or 'unknown'."
@@ -231,7 +235,7 @@ def log_model(model:nn.Module, example:torch.Tensor):
     import digit_recognition
     from mlflow.models import infer_signature
     wrapped = Probabilities(model.cpu().to(memory_format=torch.contiguous_format)).eval()
-    x = (example.float()/255).numpy()
+    x = (example.float()/255).reshape(-1, 28, 28).numpy()   # a batch of 28x28 images, as clients send them
     with torch.no_grad(): y = wrapped(torch.from_numpy(x)).numpy()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -240,7 +244,7 @@ def log_model(model:nn.Module, example:torch.Tensor):
                                         code_paths=[str(Path(digit_recognition.__file__).parent)],
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", 'numpy'])
 
-# %% ../nbs/03_training.ipynb #871c0b2f
+# %% ../nbs/03_training.ipynb #1b7fd842
 TRAIN_PARAMS = ('model', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing',
                 'augment', 'seed', 'device', 'max_train_samples', 'patience')
 
@@ -321,7 +325,7 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
-# %% ../nbs/03_training.ipynb #d3693a48
+# %% ../nbs/03_training.ipynb #1177a732
 import argparse, ast, sys
 import papermill as pm
 
@@ -350,7 +354,7 @@ def notebook_parameters(settings:Settings|None=None) -> dict:
         out[name] = {'default': default, 'type': type(default), 'help': p['help']}
     return out
 
-# %% ../nbs/03_training.ipynb #97d399a4
+# %% ../nbs/03_training.ipynb #3927af92
 def add_parameter_flags(parser:argparse.ArgumentParser, params:dict):
     "Add one `--kebab-case` flag per notebook parameter to `parser`."
     for name, p in params.items():
@@ -370,9 +374,9 @@ def train_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 
-# %% ../nbs/03_training.ipynb #eb080b4c
-def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settings:Settings|None=None) -> dict:
-    "Run the training notebook with `params` under papermill as one MLflow run; returns its result."
+# %% ../nbs/03_training.ipynb #a26deaa8
+def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settings:Settings|None=None, tags:dict|None=None) -> dict:
+    "Run the training notebook with `params` under papermill as one MLflow run (with extra `tags`); returns its result."
     s = settings or Settings()
     params = {k: v for k, v in params.items() if k not in INTERNAL_PARAMS}
     if not params.get('resume'): check_params(params)              # a bad value fails here, before a run exists
@@ -383,7 +387,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
         exp = mlflow.set_experiment(params.get('experiment') or s.get('mlflow', 'experiment'))
         if params.get('resume'): rid = resume_checkpoint(params['resume'], results).parent.name; client.get_run(rid)
         else:
-            tags = {'mlflow.source.name': 'nbs/03_training.ipynb', 'mlflow.source.type': 'NOTEBOOK'}
+            tags = {'mlflow.source.name': 'nbs/03_training.ipynb', 'mlflow.source.type': 'NOTEBOOK', **(tags or {})}
             if parent_run_id: tags['mlflow.parentRunId'] = parent_run_id
             rid = client.create_run(exp.experiment_id, run_name=params.get('run_name') or None, tags=tags).info.run_id
     except MlflowException as e: raise _tracking_error(uri, e) from None
@@ -406,7 +410,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     res = json.loads((results/rid/'result.json').read_text())
     return {**res, 'notebook': str(out_nb)}
 
-# %% ../nbs/03_training.ipynb #9e74dab4
+# %% ../nbs/03_training.ipynb #9f0a6987
 def digit_train(argv=None):
     "Entry point of `digit-train`."
     args = vars(train_parser().parse_args(argv)); quiet = args.pop('quiet')

@@ -1,0 +1,33 @@
+# digit-recognition: one image for data, training, evaluation and prediction.
+#   docker build -t digit-recognition .
+#   docker run --rm -v "$PWD/data:/app/data" -v "$PWD/runs:/app/runs" digit-recognition                  # the pipeline
+#   docker run --rm -v "$PWD/photos:/images:ro" -v "$PWD/runs:/app/runs" digit-recognition digit-predict /images
+# Volumes: /app/data (raw MNIST), /app/dataset_cleaned, /app/training_results, /app/runs (the MLflow store).
+
+# --- build: install the package and its dependencies into a virtual environment -------------------------------
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# PyTorch's CPU wheels keep the image small (the default wheels bundle CUDA); the same step as `make setup TORCH_INDEX=...`.
+RUN python -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md settings.ini ./
+COPY digit_recognition/ digit_recognition/
+RUN python -m pip install --quiet .
+
+# --- runtime: the virtual environment, the notebooks papermill runs, and a non-root user ---------------------
+FROM python:3.11-slim AS runtime
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg \
+    MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db
+RUN useradd --create-home --uid 1000 digits
+WORKDIR /app
+COPY --from=build /opt/venv /opt/venv
+COPY --chown=digits:digits settings.ini pyproject.toml ./
+COPY --chown=digits:digits nbs/ nbs/
+COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/digit-entrypoint
+RUN mkdir -p data dataset_cleaned training_results runs && chown -R digits:digits /app
+USER digits
+VOLUME ["/app/data", "/app/dataset_cleaned", "/app/training_results", "/app/runs"]
+ENTRYPOINT ["digit-entrypoint"]
+CMD ["digit-pipeline"]

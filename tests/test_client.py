@@ -1,0 +1,247 @@
+"""The client with real files of each kind, `digit-predict`'s formats and exit codes, the drawing pad under Xvfb,
+and `digit-predict --server` against a real `mlflow models serve`."""
+import csv, io, json, os, re, shutil, subprocess, sys, time, urllib.request
+from pathlib import Path
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import ROOT, BIN, free_port
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+    "A checkpoint good enough to read digits: one epoch on 10,000 images (a few seconds)."
+    subprocess.run([str(BIN/'digit-data')], cwd=ROOT, check=True, capture_output=True)
+    import torch
+    from digit_recognition.data import load_cleaned
+    from digit_recognition.model import get_model
+    from digit_recognition.training import fit
+    d = tmp_path_factory.mktemp('model')
+    p = dict(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
+             label_smoothing=0.1, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
+    torch.manual_seed(42)
+    fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
+    return d
+
+
+@pytest.fixture(scope='module')
+def predictor(model_dir):
+    from digit_recognition.client import DigitPredictor
+    return DigitPredictor.load(str(model_dir/'best.pt'))
+
+
+@pytest.fixture(scope='module')
+def test_split():
+    from digit_recognition.data import load_cleaned
+    x, y = load_cleaned(splits=('test',)).test
+    return x.squeeze(1).numpy(), y.numpy()
+
+
+def pick(test_split, predictor, digit):
+    "A test image of `digit` that the model reads right with confidence, as a clean example to render."
+    x, y = test_split
+    idx = np.flatnonzero(y == digit)[:50]
+    p = predictor.probabilities(x[idx])
+    return x[idx[np.argmax(p[:, digit])]]
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory, test_split, predictor):
+    "Real files of each kind, with the digit each should be read as or the error it should get."
+    from digit_recognition.client import render_photo
+    d = tmp_path_factory.mktemp('images')
+    on_white = lambda a, size: Image.fromarray(255 - a).resize((size, size), Image.BILINEAR)
+    expect = {}
+    on_white(pick(test_split, predictor, 3), 112).save(d/'three.png'); expect['three.png'] = 3
+    render_photo(pick(test_split, predictor, 7), seed=1).save(d/'seven_photo.jpg', quality=85); expect['seven_photo.jpg'] = 7
+    ink = pick(test_split, predictor, 2)
+    rgba = np.zeros((84, 84, 4), np.uint8); rgba[..., 3] = np.asarray(Image.fromarray(ink).resize((84, 84)))     # black ink, transparent paper
+    Image.fromarray(rgba).save(d/'two_rgba.png'); expect['two_rgba.png'] = 2
+    a16 = (np.asarray(on_white(pick(test_split, predictor, 5), 56), np.uint16)*257)
+    Image.fromarray(a16).save(d/'five_16bit.png'); expect['five_16bit.png'] = 5
+    on_white(pick(test_split, predictor, 0), 14).save(d/'zero_tiny.png'); expect['zero_tiny.png'] = 0
+    Image.new('L', (7000, 7000), 255).save(d/'huge.png'); expect['huge.png'] = 'over the limit'
+    (d/'notes.png').write_text('this is not an image\n'); expect['notes.png'] = 'not a readable image'
+    Image.new('L', (100, 100), 230).save(d/'blank.png'); expect['blank.png'] = 'blank image (no ink found)'
+    frames = [Image.fromarray(255 - pick(test_split, predictor, k)) for k in (1, 4)]
+    frames[0].save(d/'two_frames.gif', save_all=True, append_images=frames[1:]); expect['two_frames.gif'] = 'has 2 frames'
+    return d, expect
+
+
+def test_each_kind_of_file(files, predictor):
+    d, expect = files
+    results = predictor.predict(sorted(d.iterdir()), top_k=3)
+    got = {Path(r.source).name: r for r in results}
+    assert set(got) == set(expect)
+    for name, want in expect.items():
+        r = got[name]
+        if isinstance(want, int):
+            assert r.ok and r.digit == want, f"{name}: {r}"
+            assert 0 < r.probability <= 1 and len(r.top_k) == 3 and r.top_k[0] == (r.digit, r.probability)
+        else:
+            assert not r.ok and want in r.error and '\n' not in r.error, f"{name}: {r}"
+
+
+def test_arrays_of_any_kind(predictor, test_split):
+    x, y = test_split
+    a = x[0]
+    for variant in (a, a.astype(np.float32)/255, np.stack([a]*3, -1), np.dstack([np.stack([a]*3, -1), np.full((28, 28), 255, np.uint8)]),
+                    Image.fromarray(a), np.kron(a, np.ones((5, 5), np.uint8))):
+        assert predictor.predict(variant).digit == y[0]
+
+
+def test_photos_read_as_well_as_mnist(predictor, test_split):
+    "Test digits rendered as photos (dark ink on uneven paper, off-centre, rotated, blurred, JPEG) lose at most 1 point."
+    from digit_recognition.client import render_photo
+    x, y = test_split
+    n = 600
+    clean = (predictor.probabilities(x[:n]).argmax(1) == y[:n]).mean()
+    photos = [render_photo(x[i], seed=i) for i in range(n)]
+    got = predictor.predict(photos)
+    acc = np.mean([r.ok and r.digit == t for r, t in zip(got, y[:n])])
+    assert acc >= clean - 0.01, (acc, clean)
+
+
+def run(*args, env=None, timeout=300):
+    return subprocess.run([str(BIN/'digit-predict'), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_cli_formats_and_exit_codes(files, model_dir, tmp_path):
+    d, expect = files
+    ck = model_dir/'best.pt'
+    good = [d/'three.png', d/'seven_photo.jpg']
+    r = run(*good, '--model', ck)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ['file', 'digit', 'confidence', 'top-k'] and len(lines) == 3
+    assert re.search(r'three\.png\s+3\s+\d+\.\d%', r.stdout) and re.search(r'seven_photo\.jpg\s+7', r.stdout)
+    r = run(d/'*.png', '--model', ck, '--format', 'json', '--top-k', '2')
+    assert r.returncode == 1 and r.stderr.strip().startswith('error: 3 of 7 inputs could not be read')
+    rows = {Path(x['source']).name: x for x in json.loads(r.stdout)}
+    assert rows['three.png']['digit'] == 3 and len(rows['three.png']['top_k']) == 2 and 'not a readable image' in rows['notes.png']['error']
+    out = tmp_path/'out.csv'
+    r = run(d, '--model', ck, '--format', 'csv', '--output', out, '--save-annotated', tmp_path/'annotated')
+    assert r.returncode == 1 and r.stdout == ''
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert len(rows) == len(expect) and {x['file'] for x in rows if x['error']} == {str(d/k) for k, v in expect.items() if isinstance(v, str)}
+    ann = sorted(p.name for p in (tmp_path/'annotated').iterdir())
+    assert 'three-3.png' in ann and len(ann) == sum(isinstance(v, int) for v in expect.values())
+    r = run(tmp_path/'nothing-here', '--model', ck)
+    assert r.returncode == 1 and 'no such file' in r.stdout + r.stderr
+    r = run(d/'three.png', '--model', tmp_path/'missing.pt')
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: model: ") and 'Traceback' not in r.stderr
+
+
+@pytest.fixture(scope='module')
+def display():
+    "An Xvfb display for the drawing pad."
+    if not shutil.which('Xvfb'): pytest.skip('Xvfb is not installed (apt-get install xvfb)')
+    n = 90 + os.getpid() % 50
+    p = subprocess.Popen(['Xvfb', f':{n}', '-screen', '0', '1024x768x24', '-nolisten', 'tcp'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while not Path(f'/tmp/.X11-unix/X{n}').exists():
+        if time.time() > deadline or p.poll() is not None: pytest.fail('Xvfb did not start')
+        time.sleep(0.1)
+    yield f':{n}'
+    p.terminate(); p.wait(10)
+
+
+def test_drawing_pad(display, predictor, tmp_path, monkeypatch):
+    monkeypatch.setenv('DISPLAY', display)
+    import tkinter as tk
+    from digit_recognition.client import DrawingPad
+    root = tk.Tk()
+    try:
+        pad = DrawingPad(root, predictor, tmp_path); root.update()      # mapped on the screen, so it gets events
+        c = pad.canvas
+        assert root.title() == 'digit-client: draw a digit'
+        c.event_generate('<ButtonPress-1>', x=140, y=40)
+        for y in range(50, 241, 8): c.event_generate('<B1-Motion>', x=140, y=y)
+        c.event_generate('<ButtonRelease-1>', x=140, y=240); root.update()
+        assert pad.prediction.digit == 1 and root.title().startswith('digit-client: 1  (')
+        assert pad.label.cget('text') == root.title().removeprefix('digit-client: ')
+        f = pad.save()
+        assert f.name.startswith('digit-1-') and Image.open(f).size == (280, 280)
+        pad.clear(); root.update()
+        assert pad.prediction is None and root.title() == 'digit-client: draw a digit'
+        c.event_generate('<ButtonPress-1>', x=140, y=50)                  # a 0: a closed loop
+        for t in np.linspace(0, 2*np.pi, 40):
+            c.event_generate('<B1-Motion>', x=int(140 + 60*np.sin(t)), y=int(140 - 90*np.cos(t)))
+        c.event_generate('<ButtonRelease-1>', x=140, y=50); root.update()
+        assert pad.prediction.digit == 0, root.title()
+    finally: root.destroy()
+
+
+def test_digit_client_starts_a_window(display, model_dir, tmp_path):
+    if not shutil.which('xdotool'): pytest.skip('xdotool is not installed')
+    env = {**os.environ, 'DISPLAY': display}
+    p = subprocess.Popen([str(BIN/'digit-client'), '--model', str(model_dir/'best.pt'), '--save-dir', str(tmp_path)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, wid = time.time() + 60, ''
+        while not wid and time.time() < deadline and p.poll() is None:
+            wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True, text=True).stdout.split()
+            time.sleep(0.3)
+        assert wid, p.stderr.read() if p.poll() is not None else 'no window'
+        name = subprocess.run(['xdotool', 'getwindowname', wid[-1]], env=env, capture_output=True, text=True).stdout.strip()
+        assert name == 'digit-client: draw a digit'
+    finally:
+        p.terminate(); p.wait(10)
+    r = subprocess.run([str(BIN/'digit-client')], cwd=ROOT, env={**os.environ, 'DISPLAY': ':9999'}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith('error: no display for the drawing pad')
+
+
+@pytest.fixture(scope='module')
+def served(model_dir, tmp_path_factory):
+    "The checkpoint's model logged, registered as champion in a sqlite store, and served by `mlflow models serve`."
+    d = tmp_path_factory.mktemp('serve')
+    uri = f"sqlite:///{d/'mlflow.db'}"
+    code = f"""
+import mlflow, torch
+from digit_recognition.training import log_model, model_from_checkpoint
+from digit_recognition.data import load_cleaned
+mlflow.set_tracking_uri({uri!r}); mlflow.set_experiment('serve')
+with mlflow.start_run() as run:
+    info = log_model(model_from_checkpoint({str(model_dir/'best.pt')!r}), load_cleaned(splits=('val',)).val[0][:1])
+v = mlflow.register_model(info.model_uri, 'digit-recognizer')
+mlflow.MlflowClient().set_registered_model_alias('digit-recognizer', 'champion', v.version)
+"""
+    env = {**os.environ, 'MLFLOW_TRACKING_URI': uri, 'PATH': f"{BIN}:{os.environ['PATH']}"}   # serve starts uvicorn from PATH
+    for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, check=True, capture_output=True)
+    port = free_port()
+    log = open(d/'serve.log', 'w')
+    p = subprocess.Popen([str(BIN/'mlflow'), 'models', 'serve', '-m', 'models:/digit-recognizer@champion', '--env-manager', 'local',
+                          '-h', '127.0.0.1', '-p', str(port)], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                if r.status == 200: break
+        except OSError: pass
+        if p.poll() is not None or time.time() > deadline:
+            p.kill(); pytest.fail(f"mlflow models serve did not start:\n{(d/'serve.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, env
+    p.terminate()
+    try: p.wait(20)
+    except subprocess.TimeoutExpired: p.kill()
+
+
+def test_predict_through_a_served_model(served, files, predictor):
+    url, env = served
+    d, expect = files
+    good = [d/k for k, v in expect.items() if isinstance(v, int)]
+    r = run(*good, '--server', url, '--format', 'json', env=env)
+    assert r.returncode == 0, r.stderr
+    remote = {Path(x['source']).name: x for x in json.loads(r.stdout)}
+    local = {Path(x.source).name: x for x in predictor.predict(good)}
+    for k in local:
+        assert remote[k]['digit'] == local[k].digit == expect[k]
+        assert remote[k]['probability'] == pytest.approx(local[k].probability, abs=1e-4)
+    # The default model is the registry's champion.
+    r = run(d/'three.png', '--format', 'csv', env=env)
+    assert r.returncode == 0 and r.stdout.splitlines()[1].split(',')[1] == '3', r.stderr
+    r = run(d/'three.png', '--server', f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1 and 'cannot be reached' in r.stderr and 'Traceback' not in r.stderr

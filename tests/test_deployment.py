@@ -1,0 +1,155 @@
+"""What lets another person deploy and trust the project: the Dockerfile (parsed by Docker's own parser), the
+workflows (actionlint), DEPLOYMENT.md's commands (run for real in a copy of the project) and the documentation."""
+import json, os, re, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+from conftest import ROOT, BIN
+
+SECRET = re.compile(r'(TOKEN|PASSWORD|SECRET|API_KEY|ACCESS_KEY)', re.I)
+
+
+def stages(instructions):
+    out = []
+    for i in instructions:
+        if i.cmd == 'FROM': out.append([])
+        out[-1].append(i)
+    return out
+
+
+def test_dockerfile():
+    import dockerfile
+    ins = dockerfile.parse_file(str(ROOT/'Dockerfile'))
+    st = stages(ins)
+    assert len(st) >= 2, "multi-stage"
+    assert all(s[0].value[0] == 'python:3.11-slim' for s in st)
+    final = st[-1]
+    users = [i.value[0] for i in final if i.cmd == 'USER']
+    assert users and users[-1] not in ('root', '0'), "the final stage runs as a non-root user"
+    entry = [i for i in final if i.cmd == 'ENTRYPOINT']
+    assert entry and entry[-1].json and entry[-1].value == ('digit-entrypoint',)
+    assert [i.value for i in final if i.cmd == 'CMD'][-1] == ('digit-pipeline',)
+    for i in ins:                                    # no secrets baked in, no .env copied
+        if i.cmd in ('ENV', 'ARG'): assert not any(SECRET.search(v) for v in i.value[::2]), i.original
+        if i.cmd in ('COPY', 'ADD'): assert not any('.env' in v for v in i.value), i.original
+    # The install steps are make setup's, with PyTorch's CPU index.
+    runs = [i.value[0] for i in ins if i.cmd == 'RUN']
+    make = (ROOT/'Makefile').read_text()
+    torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet torch torchvision --index-url) \$\(TORCH_INDEX\)', make).group(1)
+    assert f"{torch_line} https://download.pytorch.org/whl/cpu" in runs
+    assert 'python -m pip install --quiet .' in runs and '$(BIN)/python -m pip install --quiet -e' in make
+    ignore = (ROOT/'.dockerignore').read_text().split()
+    assert {'.env', '.venv', 'data/', 'dataset_cleaned/', 'training_results/', 'mlflow.db', 'mlruns/'} <= set(ignore)
+    # The entrypoint script is the project's CLI.
+    ep = ROOT/'docker'/'entrypoint.sh'
+    assert os.access(ep, os.X_OK)
+    r = subprocess.run(['sh', str(ep), '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and 'digit-pipeline' in r.stdout
+    r = subprocess.run(['sh', str(ep), 'rm', '-rf', '/'], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown command 'rm'")
+    r = subprocess.run(['sh', str(ep), 'digit-predict', '--help'], capture_output=True, text=True, env={**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}"})
+    assert r.returncode == 0 and '--server' in r.stdout
+
+
+def test_workflows_pass_actionlint():
+    wf = ROOT/'.github'/'workflows'
+    files = sorted(wf.glob('*.yml'))
+    assert {f.name for f in files} >= {'python-tests.yml', 'docker-build.yml', 'docs.yml'}
+    r = subprocess.run([str(BIN/'actionlint'), *map(str, files)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    t = (wf/'python-tests.yml').read_text()
+    assert 'make setup' in t and 'make test' in t and 'cache: pip' in t and 'if: failure()' in t and 'upload-artifact' in t
+    d = (wf/'docker-build.yml').read_text()
+    assert 'setup-buildx-action' in d and '${{ github.sha }}' in d and ':latest' in d and 'secrets.REGISTRY_PASSWORD' in d
+    assert "github.ref == 'refs/heads/main'" in d and 'pull_request' in d
+    docs = (wf/'docs.yml').read_text()
+    assert 'quarto-dev/quarto-actions/setup' in docs and 'nbdev-docs' in docs and 'deploy-pages' in docs
+
+
+def marked_blocks(text):
+    return re.findall(r'<!-- test -->\s*```(?:sh|bash)\n(.*?)```', text, re.S)
+
+
+def test_deployment_guide_is_bilingual():
+    text = (ROOT/'DEPLOYMENT.md').read_text()
+    sections = re.split(r'^## ', text, flags=re.M)[1:]
+    assert len(sections) >= 11
+    for s in sections:
+        assert re.search(r'[\u4e00-\u9fff]', s) and re.search(r'\b(the|and|is|to)\b', s), s[:60]
+    for topic in ('MLFLOW_TRACKING_URI', 'DAGSHUB_USER_TOKEN', 'MNIST_DIR', 'papermill', 'digit-evaluate', 'champion',
+                  'mlflow models serve', 'docker run', 'actionlint', 'Troubleshooting'):
+        assert topic in text, topic
+    assert len(marked_blocks(text)) >= 5
+
+
+def test_deployment_commands(tmp_path):
+    "Every testable block of DEPLOYMENT.md, in order, in a fresh copy of the project with its own store and data."
+    text = (ROOT/'DEPLOYMENT.md').read_text()
+    proj = tmp_path/'project'
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT/f).is_file(): (proj/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, proj/f)
+    (proj/'.venv').symlink_to(BIN.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('DIGIT_', 'MLFLOW_', 'DAGSHUB_'))}
+    env.update(PATH=f"{BIN}:{env['PATH']}", MPLBACKEND='Agg')
+    if 'MNIST_DIR' not in env:
+        from digit_recognition.config import Settings
+        from digit_recognition.data import raw_dir
+        env['MNIST_DIR'] = str(raw_dir(Settings().path('paths', 'data_dir')))
+    for i, block in enumerate(marked_blocks(text)):
+        r = subprocess.run(['bash', '-euo', 'pipefail', '-c', block], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"block {i}:\n{block}\n--- stdout\n{r.stdout[-2000:]}\n--- stderr\n{r.stderr[-2000:]}"
+    assert (proj/'mlflow.db').is_file() and (proj/'dataset_cleaned'/'manifest.json').is_file()
+    assert (proj/'predictions.csv').read_text().startswith('file,digit,confidence') and any((proj/'annotated').iterdir())
+
+
+# The documentation site: Quarto cannot be installed here, so check what can be checked without it.
+NOTEBOOKS = sorted((ROOT/'nbs').glob('*.ipynb'))
+
+
+def test_readme_is_regenerated_from_index(tmp_path):
+    r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', '--to', 'markdown', str(ROOT/'nbs'/'index.ipynb'), '--output-dir', str(tmp_path),
+                        '--output', 'README', '--log-level', 'WARN'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), "README.md is stale: run `make readme`"
+
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_starts_with_title_and_description(nb):
+    cells = json.loads(nb.read_text())['cells']
+    first = ''.join(cells[0]['source']).strip().splitlines()
+    assert cells[0]['cell_type'] == 'markdown' and first[0].startswith('# ') and len(first[0]) > 3
+    assert len(first) >= 2 and first[1].startswith('> ') and len(first[1]) > 20
+
+
+def test_links_and_symbols_resolve():
+    import importlib
+    from digit_recognition import _modidx
+    syms = _modidx.d['syms']
+    for nb in NOTEBOOKS:
+        for c in json.loads(nb.read_text())['cells']:
+            if c['cell_type'] != 'markdown': continue
+            text = ''.join(c['source'])
+            for link in re.findall(r'\]\(([^)#\s]+)', text):
+                if link.startswith(('http://', 'https://', 'mailto:')): continue
+                target = (nb.parent/link).resolve()
+                alt = target.with_suffix('.ipynb')
+                assert target.exists() or alt.exists() or (ROOT/link).exists(), f"{nb.name}: broken link {link}"
+            for mod, name in re.findall(r'`(digit_recognition\.\w+)(?:\.(\w+))?`', text):
+                m = importlib.import_module(mod)
+                assert not name or hasattr(m, name), f"{nb.name}: `{mod}.{name}` does not exist"
+    for mod, names in syms.items():       # every exported symbol is documented (nbdev shows its docstring)
+        m = importlib.import_module(mod)
+        for full in names:
+            obj = m
+            for part in full.split('.')[2:]: obj = getattr(obj, part)
+            if callable(obj) and not any(p.startswith('_') for p in full.split('.')[1:]):
+                assert getattr(obj, '__doc__', None), f"{full} has no docstring"
+
+
+def test_index_has_a_quick_start():
+    text = '\n'.join(''.join(c['source']) for c in json.loads((ROOT/'nbs'/'index.ipynb').read_text())['cells'])
+    qs = text[text.index('## Quick start'):]
+    qs = qs[:qs.index('\n## ', 5)]
+    assert 'make pipeline' in qs and 'make test' in qs and 'MNIST_DIR' in qs
+    for cmd in ('digit-data', 'digit-train', 'digit-evaluate', 'digit-predict', 'digit-pipeline'):
+        assert cmd in text, cmd
