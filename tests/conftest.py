@@ -17,17 +17,35 @@ def mnist_dir():
     return raw_dir(Settings().path('paths', 'data_dir'))
 
 
-@pytest.fixture
-def run_cli(tmp_path):
-    "Run a console script from the project root with extra environment; returns the CompletedProcess."
-    def run(cmd, *args, env=None, timeout=600, check=None):
-        e = {**os.environ, **(env or {})}
-        for k, v in (env or {}).items():
-            if v is None: e.pop(k)
-        r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-        if check is not None: assert r.returncode == check, f"{cmd} exited {r.returncode}\n{r.stdout}\n{r.stderr}"
-        return r
-    return run
+def run_command(cmd, *args, env=None, timeout=900, check=None):
+    "Run console script `cmd` from the project root with extra environment (None removes a variable)."
+    e = {k: v for k, v in os.environ.items() if k != 'MLFLOW_REGISTRY_URI'}   # set by mlflow.set_registry_uri in-process
+    e.update(env or {})
+    for k, v in (env or {}).items():
+        if v is None: e.pop(k)
+    r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    if check is not None: assert r.returncode == check, f"{cmd} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope='session')
+def run_cli():
+    "Run a console script from the project root; returns the CompletedProcess."
+    return run_command
+
+
+def wait_for_http(url, proc, log, seconds=180):
+    "Wait until `url` answers 200, failing with the end of `log` if `proc` exits or time runs out."
+    import time, urllib.request
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200: return
+        except OSError: pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill(); raise RuntimeError(f"{url} did not answer:\n{Path(log).read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def free_port():
@@ -49,15 +67,7 @@ def mlflow_server(tmp_path_factory):
                              '--backend-store-uri', f"sqlite:///{d/'mlflow.db'}", '--artifacts-destination', str(d/'artifacts'),
                              '--workers', '2'], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200: break
-        except OSError: pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill(); raise RuntimeError(f"mlflow server did not start:\n{(d/'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    wait_for_http(f"{uri}/health", proc, d/'server.log')
     yield uri, 'admin', password
     proc.terminate()
     try: proc.wait(20)

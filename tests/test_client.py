@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import ROOT, BIN, free_port
+from conftest import ROOT, BIN, free_port, wait_for_http
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +62,7 @@ def files(tmp_path_factory, test_split, predictor):
     on_white(pick(test_split, predictor, 0), 14).save(d/'zero_tiny.png'); expect['zero_tiny.png'] = 0
     Image.new('L', (7000, 7000), 255).save(d/'huge.png'); expect['huge.png'] = 'over the limit'
     (d/'notes.png').write_text('this is not an image\n'); expect['notes.png'] = 'not a readable image'
+    (d/'empty.png').write_bytes(b''); expect['empty.png'] = 'not a readable image'
     Image.new('L', (100, 100), 230).save(d/'blank.png'); expect['blank.png'] = 'blank image (no ink found)'
     frames = [Image.fromarray(255 - pick(test_split, predictor, k)) for k in (1, 4)]
     frames[0].save(d/'two_frames.gif', save_all=True, append_images=frames[1:]); expect['two_frames.gif'] = 'has 2 frames'
@@ -117,7 +118,7 @@ def test_cli_formats_and_exit_codes(files, model_dir, tmp_path):
     assert lines[0].split() == ['file', 'digit', 'confidence', 'top-k'] and len(lines) == 3
     assert re.search(r'three\.png\s+3\s+\d+\.\d%', r.stdout) and re.search(r'seven_photo\.jpg\s+7', r.stdout)
     r = run(d/'*.png', '--model', ck, '--format', 'json', '--top-k', '2')
-    assert r.returncode == 1 and r.stderr.strip().startswith('error: 3 of 7 inputs could not be read')
+    assert r.returncode == 1 and r.stderr.strip().startswith('error: 4 of 8 inputs could not be read')
     rows = {Path(x['source']).name: x for x in json.loads(r.stdout)}
     assert rows['three.png']['digit'] == 3 and len(rows['three.png']['top_k']) == 2 and 'not a readable image' in rows['notes.png']['error']
     out = tmp_path/'out.csv'
@@ -208,21 +209,14 @@ v = mlflow.register_model(info.model_uri, 'digit-recognizer')
 mlflow.MlflowClient().set_registered_model_alias('digit-recognizer', 'champion', v.version)
 """
     env = {**os.environ, 'MLFLOW_TRACKING_URI': uri, 'PATH': f"{BIN}:{os.environ['PATH']}"}   # serve starts uvicorn from PATH
-    for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
+    for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD', 'MLFLOW_REGISTRY_URI'): env.pop(k, None)
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, check=True, capture_output=True)
     port = free_port()
     log = open(d/'serve.log', 'w')
     p = subprocess.Popen([str(BIN/'mlflow'), 'models', 'serve', '-m', 'models:/digit-recognizer@champion', '--env-manager', 'local',
                           '-h', '127.0.0.1', '-p', str(port)], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                if r.status == 200: break
-        except OSError: pass
-        if p.poll() is not None or time.time() > deadline:
-            p.kill(); pytest.fail(f"mlflow models serve did not start:\n{(d/'serve.log').read_text()[-3000:]}")
-        time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/ping", p, d/'serve.log')
     yield url, env
     p.terminate()
     try: p.wait(20)

@@ -1,6 +1,6 @@
 """`digit-evaluate` and `digit-pipeline`: the evaluation files, the gate's exit codes, and the registry's decisions,
 against the local sqlite store and once against the real MLflow server with login."""
-import json, re
+import json, os, re
 from pathlib import Path
 import numpy as np
 import pytest
@@ -11,20 +11,6 @@ RUN = re.compile(r'^run ([0-9a-f]{32}):', re.M)
 RECIPES = {'weak': ['--epochs', '1', '--max-train-samples', '200', '--lr', '0.003', '--no-augment'],
            'mid': ['--epochs', '2', '--max-train-samples', '1000', '--lr', '0.01', '--no-augment'],
            'strong': ['--epochs', '3', '--max-train-samples', '4000', '--lr', '0.01', '--no-augment']}
-
-
-@pytest.fixture(scope='module')
-def run_cli():
-    from conftest import BIN
-    import os, subprocess
-    def run(cmd, *args, env=None, check=None, timeout=900):
-        e = {**os.environ, **(env or {})}
-        for k, v in (env or {}).items():
-            if v is None: e.pop(k)
-        r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-        if check is not None: assert r.returncode == check, f"{cmd} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r
-    return run
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +27,8 @@ def local(tmp_path_factory, run_cli):
 
 def client_for(uri):
     import mlflow
-    mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)       # (the registry follows the tracking URI; MLflow exports it to child processes)
+    os.environ.pop('MLFLOW_REGISTRY_URI', None)
     return mlflow.MlflowClient(uri, uri)
 
 

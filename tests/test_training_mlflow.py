@@ -12,18 +12,6 @@ def data_ready(run_cli):
     run_cli('digit-data', check=0)          # the project's dataset_cleaned/ (reused when current)
 
 
-@pytest.fixture(scope='module')
-def run_cli(tmp_path_factory):
-    from conftest import ROOT, BIN
-    import os, subprocess
-    def run(cmd, *args, env=None, check=None, timeout=900):
-        e = {**os.environ, **(env or {})}
-        r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-        if check is not None: assert r.returncode == check, f"{cmd} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r
-    return run
-
-
 def server_env(server, results, password=None):
     uri, user, pw = server
     return {'MLFLOW_TRACKING_URI': uri, 'MLFLOW_TRACKING_USERNAME': user, 'MLFLOW_TRACKING_PASSWORD': password or pw,
@@ -81,7 +69,10 @@ def test_logged_model_predicts(trained, client):
     assert torch.allclose(p.sum(1), torch.ones(200), atol=1e-5)
     assert (p.argmax(1) == y[:200]).float().mean() > 0.7
     info = mlflow.models.get_model_info(f"runs:/{rid}/model")
-    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]['tensor-spec']['shape']) == (-1, 1, 28, 28)
+    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]['tensor-spec']['shape']) == (-1, 28, 28)
+    pf = mlflow.pyfunc.load_model(f"runs:/{rid}/model")          # what `mlflow models serve` runs: a batch of 28x28 arrays
+    q = np.asarray(pf.predict(x[:5, 0].numpy().astype(np.float32)/255))
+    assert q.shape == (5, 10) and np.allclose(q, p[:5].numpy(), atol=1e-5)
 
 
 def test_executed_notebook_and_no_secrets(trained, client, mlflow_server, tmp_path):
