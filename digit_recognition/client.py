@@ -10,9 +10,8 @@ __all__ = ['MAX_PIXELS', 'WORK_SIZE', 'render_photo', 'to_gray', 'ink_on_dark', 
            'format_results', 'annotate', 'predict_parser', 'digit_predict', 'DrawingPad', 'client_parser',
            'digit_client', 'show_prediction', 'upload_widget']
 
-# %% ../nbs/05_client.ipynb #538a765f
-import argparse, base64, csv, glob, io, json, os, sys, time, urllib.error, urllib.request
-from concurrent.futures import ProcessPoolExecutor
+# %% ../nbs/05_client.ipynb #321072c2
+import argparse, base64, csv, glob, io, json, os, signal, sys, time, urllib.error, urllib.request
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -21,7 +20,7 @@ from scipy import ndimage
 from .config import Settings, DigitError
 from .data import IMAGE_SUFFIXES, atomic_write
 
-# %% ../nbs/05_client.ipynb #03825687
+# %% ../nbs/05_client.ipynb #3e3dbd4e
 def render_photo(digit:np.ndarray, seed:int=0, size:int=160, quality:int=80) -> Image.Image:
     "An MNIST `digit` (28x28, light on dark) as a JPEG-compressed photo: dark ink on unevenly lit paper, off-centre, rotated, blurred."
     rng = np.random.default_rng(seed)
@@ -40,7 +39,7 @@ def render_photo(digit:np.ndarray, seed:int=0, size:int=160, quality:int=80) -> 
     buf = io.BytesIO(); Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)).save(buf, 'JPEG', quality=quality)
     return Image.open(io.BytesIO(buf.getvalue()))
 
-# %% ../nbs/05_client.ipynb #60f35bae
+# %% ../nbs/05_client.ipynb #088eed24
 MAX_PIXELS = 40_000_000
 
 def _name(x) -> str:
@@ -84,7 +83,7 @@ def to_gray(x) -> np.ndarray:
     if not np.isfinite(a).all(): raise DigitError(f"{name}: has NaN or infinite values")
     return np.clip(a, 0, 255)
 
-# %% ../nbs/05_client.ipynb #cd9384ac
+# %% ../nbs/05_client.ipynb #0ce5929c
 WORK_SIZE = 96     # images are first reduced to at most this size: plenty for a 20x20 result, and fast
 
 def _border(g:np.ndarray) -> np.ndarray:
@@ -119,7 +118,7 @@ def remove_background(g:np.ndarray) -> np.ndarray:
     core = np.median(ink[ink > t]) if (ink > t).any() else ink.max()
     return np.clip((ink - 0.5*t)/max(core - 0.5*t, 1e-6), 0, 1)*255
 
-# %% ../nbs/05_client.ipynb #4fdf2869
+# %% ../nbs/05_client.ipynb #bd03ac9b
 def crop_to_ink(ink:np.ndarray, min_part:float=0.1) -> np.ndarray:
     "The bounding box of the ink, ignoring specks smaller than `min_part` of the largest piece of ink."
     lab, n = ndimage.label(ink > 0.25*ink.max())
@@ -142,7 +141,7 @@ def fit_and_centre(crop:np.ndarray, box:int=20, size:int=28) -> np.ndarray:
     out = ndimage.shift(out, (round(size/2 - cy), round(size/2 - cx)), order=0, mode='constant')   # whole pixels, as MNIST
     return np.clip(out, 0, 255)
 
-# %% ../nbs/05_client.ipynb #0834a9df
+# %% ../nbs/05_client.ipynb #5176803f
 def to_mnist(x, name:str|None=None) -> np.ndarray:
     "Any digit image (path, PIL image or array) as an MNIST-style 28x28 uint8 image: light ink on black, fitted and centred."
     g = to_gray(x)
@@ -153,7 +152,7 @@ def to_mnist(x, name:str|None=None) -> np.ndarray:
     except DigitError: raise DigitError(f"{name}: blank image (no ink found)") from None
     return fit_and_centre(crop).round().astype(np.uint8)
 
-# %% ../nbs/05_client.ipynb #d047c8f2
+# %% ../nbs/05_client.ipynb #c036f22b
 @dataclass
 class Prediction:
     "What the predictor says about one input: `digit`, `probability`, `top_k` [(digit, probability)], or an `error`."
@@ -168,9 +167,9 @@ class Prediction:
         if not self.ok: return f"{self.source}: error: {self.error}"
         return f"{self.source}: {self.digit} ({self.probability:.1%})"
 
-def _prepare_file(path, name):
-    "`(28x28 image, None)` or `(None, error)` for one file (run in worker processes)."
-    try: return to_mnist(path, name), None
+def _prepare_file(x, name):
+    "`(28x28 image, None)` or `(None, error)` for one input (also run in worker processes for many files)."
+    try: return to_mnist(x, name), None
     except DigitError as e: return None, str(e).removeprefix('error: ').removeprefix(f"{name}: ")
 
 class ServedModel:
@@ -187,7 +186,7 @@ class ServedModel:
             raise DigitError(f"server {self.url}: cannot be reached ({getattr(e, 'reason', e)})") from None
         return np.asarray(out['predictions'] if isinstance(out, dict) else out, np.float32)
 
-# %% ../nbs/05_client.ipynb #54be101a
+# %% ../nbs/05_client.ipynb #3f8ed029
 class DigitPredictor:
     "Reads digits from images with a model loaded once; see `load`."
     def __init__(self, model, source:str='', batch_size:int=256):
@@ -220,16 +219,15 @@ class DigitPredictor:
         single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3 and inputs.shape[-1] not in (3, 4))
         items = [inputs] if single else list(inputs)
         names = [_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
-        def prepare(i):
-            try: return to_mnist(items[i], names[i]), None
-            except DigitError as e: return None, str(e).removeprefix('error: ').removeprefix(f"{names[i]}: ")
         workers = min(os.cpu_count() or 1, 8)
         if len(items) >= 200 and workers > 1 and all(isinstance(x, (str, Path)) for x in items):
-            # many files: read and preprocess them on every core (forked workers share the loaded code)
+            # many files: read and preprocess them on every core (forked workers share the loaded code). A Ctrl-C in a
+            # terminal reaches every process of the command: the workers ignore it, and leaving `with` terminates them
             import multiprocessing
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('fork')) as pool:
-                prepared = list(pool.map(_prepare_file, items, names, chunksize=max(1, len(items)//(4*workers))))
-        else: prepared = [prepare(i) for i in range(len(items))]
+            fork = multiprocessing.get_context('fork')
+            with fork.Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN)) as pool:
+                prepared = pool.starmap(_prepare_file, zip(items, names), chunksize=max(1, len(items)//(4*workers)))
+        else: prepared = [_prepare_file(x, n) for x, n in zip(items, names)]
         results = [Prediction(n, error=err) for n, (_, err) in zip(names, prepared)]
         where = [i for i, (a, _) in enumerate(prepared) if a is not None]
         images = [prepared[i][0] for i in where]
@@ -241,7 +239,7 @@ class DigitPredictor:
                 results[i].top_k = [(int(d), float(p[d])) for d in order]
         return results[0] if single else results
 
-# %% ../nbs/05_client.ipynb #3c42805a
+# %% ../nbs/05_client.ipynb #df288254
 def expand_inputs(paths:list) -> list:
     "Files from files, folders (their images, recursively) and glob patterns, in the order given."
     out = []
@@ -276,7 +274,7 @@ def annotate(path, pred:Prediction) -> Image.Image:
                              font=ImageFont.load_default(size=16))
     return out
 
-# %% ../nbs/05_client.ipynb #baa19d8e
+# %% ../nbs/05_client.ipynb #532797bd
 def predict_parser() -> argparse.ArgumentParser:
     "The `digit-predict` command line."
     p = argparse.ArgumentParser('digit-predict', description="Read handwritten digits from image files (photos, scans, "
@@ -291,8 +289,9 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 def digit_predict(argv=None):
-    "Entry point of `digit-predict`."
-    code = _digit_predict(argv)
+    "Entry point of `digit-predict`: exit status 0, 1 if an input or the model failed, 130 on Ctrl-C (one line)."
+    try: code = _digit_predict(argv)
+    except KeyboardInterrupt: print("interrupted", file=sys.stderr); code = 130
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(code)     # everything is written: skip the seconds torch and MLflow spend tearing down at exit
 
@@ -318,7 +317,7 @@ def _digit_predict(argv=None) -> int:
         return 1
     return 0
 
-# %% ../nbs/05_client.ipynb #28234bbb
+# %% ../nbs/05_client.ipynb #dac4351e
 class DrawingPad:
     "A tkinter drawing pad that predicts as you draw (`root`: a `tk.Tk`; `predictor`: a `DigitPredictor`)."
     SIZE, PEN = 280, 22
@@ -384,7 +383,7 @@ class DrawingPad:
         self.label.config(text=f"saved {f.name}")
         return f
 
-# %% ../nbs/05_client.ipynb #9de9b72e
+# %% ../nbs/05_client.ipynb #2f1c9980
 def client_parser() -> argparse.ArgumentParser:
     "The `digit-client` command line."
     p = argparse.ArgumentParser('digit-client', description="A drawing pad: draw a digit with the mouse and watch the "
@@ -394,17 +393,28 @@ def client_parser() -> argparse.ArgumentParser:
     return p
 
 def digit_client(argv=None):
-    "Entry point of `digit-client`."
+    "Entry point of `digit-client`: exit status 0 when the window is closed, 1 on errors, 130 on Ctrl-C (one line)."
     a = client_parser().parse_args(argv)
+    try: _digit_client(a)
+    except KeyboardInterrupt: print("interrupted", file=sys.stderr); sys.exit(130)
+
+def _digit_client(a):
     try:
         import tkinter as tk
         root = tk.Tk()
-    except Exception as e: sys.exit(f"error: no display for the drawing pad ({str(e).splitlines()[0]}); set DISPLAY or use digit-predict")
+    except Exception as e:
+        sys.exit(f"error: no display for the drawing pad ({str(e).splitlines()[0]}); set DISPLAY or use digit-predict")
     try: pad = DrawingPad(root, DigitPredictor.load(a.model), a.save_dir)
     except DigitError as e: root.destroy(); sys.exit(str(e))
-    root.mainloop()
+    # Tk runs no Python while it waits for events, so Ctrl-C would only be seen at the next mouse move (and then
+    # as a traceback from a callback): a timer wakes Python every 0.1 s, and the handler ends the loop instead
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), root.quit()))
+    def wake(): root.after(100, wake)
+    wake(); root.mainloop()
+    if interrupted: root.destroy(); raise KeyboardInterrupt
 
-# %% ../nbs/05_client.ipynb #e72dadc1
+# %% ../nbs/05_client.ipynb #0178ce37
 def show_prediction(predictor:DigitPredictor, image, title:str=''):
     "A figure: the image, what the model sees (28x28), and the ten probabilities."
     import matplotlib.pyplot as plt

@@ -101,7 +101,7 @@ def run_sweep(grid:dict, fixed:dict, jobs:int=1, settings:Settings|None=None, qu
         ok = [r for r in rows if r['status'] == 'ok']
         if ok: mlflow.log_metric('best_val_accuracy', ok[0]['best_val_accuracy'])
         mlflow.set_tag('best_run_id', ok[0]['run_id'] if ok else '')
-    return {'parent_run_id': pid, 'rows': rows, 'markdown': md, 'tracking_uri': uri}
+    return {'parent_run_id': pid, 'rows': rows, 'markdown': md, 'tracking_uri': redact(uri)}
 
 # %% ../nbs/06_pipeline.ipynb #70d6ed17
 def sweep_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
@@ -123,6 +123,7 @@ def digit_sweep(argv=None):
         grid = parse_grid(items, notebook_parameters())
         res = run_sweep(grid, {k: v for k, v in args.items() if k not in grid}, jobs)
     except DigitError as e: sys.exit(str(e))
+    except KeyboardInterrupt: print("interrupted; finished runs are kept in MLflow", file=sys.stderr); sys.exit(130)
     print(f"\nsweep {res['parent_run_id']} ({res['tracking_uri']}), best first:\n\n{res['markdown']}")
     failed = [r for r in res['rows'] if r['status'] != 'ok']
     if failed: sys.exit(f"error: {len(failed)} of {len(res['rows'])} runs failed (see the table above)")
@@ -228,6 +229,6 @@ def digit_pipeline(argv=None):
     opts = {k: a.pop(k) for k in ('force', 'min_accuracy', 'register', 'quiet')}
     try: r = run_pipeline(a, **opts)
     except DigitError as e: sys.exit(str(e))
-    except KeyboardInterrupt: sys.exit("interrupted")
+    except KeyboardInterrupt as e: print(e.args[0] if e.args else "interrupted", file=sys.stderr); sys.exit(130)
     print_summary(r)
     if not r['passed']: sys.exit(f"error: gate failed: {r['gate']}")

@@ -54,6 +54,10 @@ def free_port():
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
+class Server(tuple):
+    "`(uri, user, password)` of a running server; `.dir` is its folder (backend store, artifacts, log)."
+
+
 @pytest.fixture(scope='session')
 def mlflow_server(tmp_path_factory):
     "A real MLflow tracking server with basic-auth login on 127.0.0.1, as DagsHub has; yields (uri, user, password)."
@@ -68,7 +72,8 @@ def mlflow_server(tmp_path_factory):
                              '--workers', '2'], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     wait_for_http(f"{uri}/health", proc, d/'server.log')
-    yield uri, 'admin', password
+    server = Server((uri, 'admin', password)); server.dir = d
+    yield server
     proc.terminate()
     try: proc.wait(20)
     except subprocess.TimeoutExpired: proc.kill()
