@@ -77,7 +77,7 @@ def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
 # %% ../nbs/04_evaluation.ipynb #5e883b53
 def _pickled_module(path:Path) -> nn.Module:
     "A model logged before weights-only models (a pickled module), read by torch's weights-only unpickler."
-    from .model import Normalize
+    from digit_recognition.model import Normalize
     known = [Probabilities, Normalize, nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.MaxPool2d,
              nn.Flatten, nn.Dropout, nn.Linear]   # the only classes our models are made of: nothing else may be built
     with torch.serialization.safe_globals(known): return torch.load(path, map_location='cpu', weights_only=True)

@@ -1,6 +1,6 @@
 """The client with real files of each kind, `digit-predict`'s formats and exit codes, the drawing pad under Xvfb,
 and `digit-predict --server` against a real `mlflow models serve`."""
-import csv, io, json, os, re, shutil, subprocess, sys, time, urllib.request
+import csv, io, json, os, re, shutil, signal, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np
 import pytest
@@ -134,6 +134,49 @@ def test_cli_formats_and_exit_codes(files, model_dir, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().startswith("error: model: ") and 'Traceback' not in r.stderr
 
 
+def children(pid:int) -> list:
+    "The ids of the processes whose parent is `pid` (Linux)."
+    out = []
+    for f in Path('/proc').glob('[0-9]*/stat'):
+        try: ppid = int(f.read_text().rsplit(')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError): continue
+        if ppid == pid: out.append(int(f.parent.name))
+    return out
+
+
+def interrupt(p:subprocess.Popen, timeout=60):
+    "Ctrl-C as a terminal sends it: SIGINT to every process of `p`'s group. Returns (stdout, stderr) once `p` exits."
+    os.killpg(p.pid, signal.SIGINT)
+    try: out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired: os.killpg(p.pid, signal.SIGKILL); raise
+    time.sleep(0.5)
+    try: os.killpg(p.pid, 0); left = True       # a process of the group (a worker) outlived the command
+    except ProcessLookupError: left = False
+    if left: os.killpg(p.pid, signal.SIGKILL)
+    assert not left, 'processes of the command were left running after it exited'
+    return out, err
+
+
+def test_ctrl_c_stops_digit_predict(model_dir, test_split, tmp_path):
+    "Ctrl-C in the middle of many files (read by worker processes): one line, `interrupted`, exit status 130."
+    from digit_recognition.client import render_photo
+    if not Path('/proc/self/stat').exists(): pytest.skip('needs /proc (Linux)')
+    big = tmp_path/'big.png'
+    render_photo(test_split[0][0], seed=1, size=2000).save(big)         # 2000x2000: each takes a while to read
+    d = tmp_path/'many'; d.mkdir()
+    for i in range(300): os.link(big, d/f"{i:03}.png")                    # 300 names for one file
+    p = subprocess.Popen([str(BIN/'digit-predict'), d, '--model', model_dir/'best.pt'], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # Interrupt once it is at work: its worker processes have started (or, on one core, after its imports).
+    deadline = time.time() + (120 if (os.cpu_count() or 1) > 1 else 5)
+    while not children(p.pid) and p.poll() is None and time.time() < deadline: time.sleep(0.05)
+    time.sleep(0.5)
+    assert p.poll() is None, 'digit-predict ended before it could be interrupted'
+    out, err = interrupt(p)
+    assert p.returncode == 130, err[-3000:]
+    assert err == 'interrupted\n' and out == ''
+
+
 @pytest.fixture(scope='module')
 def display():
     "An Xvfb display for the drawing pad."
@@ -193,6 +236,26 @@ def test_digit_client_starts_a_window(display, model_dir, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().startswith('error: no display for the drawing pad')
 
 
+def test_ctrl_c_closes_the_drawing_pad(display, model_dir, tmp_path):
+    "Ctrl-C in the terminal of `digit-client` while its window waits for the mouse: one line, exit status 130."
+    if not shutil.which('xdotool'): pytest.skip('xdotool is not installed')
+    env = {**os.environ, 'DISPLAY': display}
+    p = subprocess.Popen([str(BIN/'digit-client'), '--model', model_dir/'best.pt', '--save-dir', tmp_path], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, wid = time.time() + 60, ''
+        while not wid and time.time() < deadline and p.poll() is None:
+            wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True,
+                                 text=True).stdout.split()
+            time.sleep(0.3)
+        assert wid, p.stderr.read() if p.poll() is not None else 'no window'
+        time.sleep(1)                                                    # idle: Tk is waiting for events
+        out, err = interrupt(p, timeout=20)
+    finally:
+        if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and err == 'interrupted\n', err[-3000:]
+
+
 @pytest.fixture(scope='module')
 def served(model_dir, tmp_path_factory):
     "The checkpoint's model logged, registered as champion in a sqlite store, and served by `mlflow models serve`."
@@ -200,11 +263,13 @@ def served(model_dir, tmp_path_factory):
     uri = f"sqlite:///{d/'mlflow.db'}"
     code = f"""
 import mlflow, torch
-from digit_recognition.training import log_model, model_from_checkpoint
+from digit_recognition.training import log_model
 from digit_recognition.data import load_cleaned
-mlflow.set_tracking_uri({uri!r}); mlflow.set_experiment('serve')
+mlflow.set_tracking_uri({uri!r})
+mlflow.create_experiment('serve', artifact_location={(d/'artifacts').as_uri()!r})   # not the project's mlruns/
+mlflow.set_experiment('serve')
 with mlflow.start_run() as run:
-    info = log_model(model_from_checkpoint({str(model_dir/'best.pt')!r}), load_cleaned(splits=('val',)).val[0][:1])
+    info = log_model({str(model_dir/'best.pt')!r}, load_cleaned(splits=('val',)).val[0][:1])
 v = mlflow.register_model(info.model_uri, 'digit-recognizer')
 mlflow.MlflowClient().set_registered_model_alias('digit-recognizer', 'champion', v.version)
 """
@@ -239,3 +304,30 @@ def test_predict_through_a_served_model(served, files, predictor):
     assert r.returncode == 0 and r.stdout.splitlines()[1].split(',')[1] == '3', r.stderr
     r = run(d/'three.png', '--server', f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 1 and 'cannot be reached' in r.stderr and 'Traceback' not in r.stderr
+
+
+def invoke(url:str, images) -> tuple:
+    "POST `images` as {'inputs': ...} to a served model's /invocations: (HTTP status, the JSON answer)."
+    body = json.dumps({'inputs': np.asarray(images).tolist()}).encode()     # NaN and inf as JSON's usual NaN, Infinity
+    req = urllib.request.Request(f"{url}/invocations", body, {'Content-Type': 'application/json'})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r: return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
+
+
+def test_served_model_checks_its_input(served, test_split):
+    "The served model answers 400 and a JSON error, not 200 and NaN or nonsense, for values that are not 0..1 images."
+    url, _ = served
+    x, y = test_split
+    good = x[:8].astype(np.float32)/255
+    status, out = invoke(url, good)
+    assert status == 200, out
+    p = np.asarray(out['predictions'])
+    assert p.shape == (8, 10) and np.allclose(p.sum(1), 1, atol=1e-4) and (p.argmax(1) == y[:8]).mean() >= 0.75
+    for bad, why in [(np.where(np.eye(28, dtype=bool), np.nan, good[0])[None], 'NaN or infinite'),
+                     (np.where(np.eye(28, dtype=bool), np.inf, good[0])[None], 'NaN or infinite'),
+                     (np.where(np.eye(28, dtype=bool), -np.inf, good[0])[None], 'NaN or infinite'),
+                     (x[:8].astype(np.float32), 'divide 0-255 images by 255')]:
+        status, out = invoke(url, bad)
+        assert status == 400 and out.get('error_code') == 'INVALID_PARAMETER_VALUE', (why, status, out)
+        assert 'Error: input: ' in out['message'] and why in out['message'], out     # MLflow's wrapping of our check

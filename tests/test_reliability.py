@@ -85,8 +85,8 @@ def test_resume_says_what_it_took_the_argument_for(tmp_path, run_cli, data_ready
     other = tmp_path/'elsewhere'
     r = run_cli('digit-train', '--resume', tmp_path/'results'/rid, env={**env, 'MLFLOW_TRACKING_URI': f"sqlite:///{other}.db"},
                 check=1)
-    assert r.stderr.strip().startswith(f"error: resume: '{tmp_path/'results'/rid}' is a checkpoint of run {rid}, "
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: resume: '{tmp_path/'results'/rid}' is a checkpoint of run {rid}, "
                                        "which the tracking server") and 'Traceback' not in r.stderr
     r = run_cli('digit-train', '--resume', rid, '--epochs', '4', '--lr', '0.5', env=env, check=1)
-    assert r.stderr.strip() == ("error: resume: --epochs 4 (the run has 1), --lr 0.5 (the run has 0.02): a resumed run "
+    assert r.stderr.strip().splitlines()[-1] == ("error: resume: --epochs 4 (the run has 1), --lr 0.5 (the run has 0.02): a resumed run "
                                 "continues as it was planned; leave these out, or start a new run to change them")
