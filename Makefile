@@ -8,18 +8,23 @@ TORCH_INDEX ?=
 # Extra pytest arguments, e.g. PYTEST_ARGS="-x -k client".
 PYTEST_ARGS ?=
 
-.PHONY: help setup data train evaluate sweep pipeline predict client test test-notebooks test-pytest lab ui bench bench-client export readme
+.PHONY: help setup lock data train evaluate sweep pipeline predict client test test-notebooks test-pytest lab ui bench bench-client export readme
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: $(BIN)/.installed  ## create .venv and install the package (editable) with the dev extra
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	for c in export clean test readme; do ln -sf nbdev-$$c $(BIN)/nbdev_$$c; done  # nbdev 2 names, still in guides and hooks
 	touch $@
+
+lock: setup  ## upgrade every dependency within pyproject.toml's ranges and rewrite constraints.txt
+	$(BIN)/python -m pip install --quiet --upgrade -e '.[dev]'
+	{ head -1 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^digit-recognition'; } > constraints.new
+	mv constraints.new constraints.txt
 
 data: setup  ## get, verify, clean, split and version MNIST into dataset_cleaned/
 	$(BIN)/digit-data
@@ -62,8 +67,9 @@ bench: setup data  ## training speed: our recipes against the PyTorch MNIST exam
 bench-client: setup  ## the client: photo accuracy, one-image latency, digit-predict over 1,000 files (needs a champion)
 	$(BIN)/python bench/client_speed.py
 
-export: setup readme  ## notebooks -> digit_recognition/ and README.md, and clean notebook metadata
+export: setup readme  ## notebooks -> digit_recognition/ (code and the papermill notebooks) and README.md; clean metadata
 	$(BIN)/nbdev-export
+	$(BIN)/python -c "from digit_recognition.training import ship_notebooks; ship_notebooks()"
 	$(BIN)/nbdev-clean
 
 readme: setup  ## README.md from nbs/index.ipynb (nbdev-readme where Quarto is installed, else nbconvert)
