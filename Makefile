@@ -69,7 +69,7 @@ bench-client: setup  ## the client: photo accuracy, one-image latency, digit-pre
 
 export: setup readme  ## notebooks -> digit_recognition/ (code and the papermill notebooks) and README.md; clean metadata
 	$(BIN)/nbdev-export
-	$(BIN)/python -c "from digit_recognition.training import ship_notebooks; ship_notebooks()"
+	$(BIN)/python -c "from digit_recognition.tracking import ship_notebooks; ship_notebooks()"
 	$(BIN)/nbdev-clean
 
 readme: setup  ## README.md from nbs/index.ipynb (nbdev-readme where Quarto is installed, else nbconvert)

@@ -24,8 +24,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, get_device
 from .data import load_cleaned, atomic_write, show_grid
-from .training import (Probabilities, model_from_checkpoint, load_checkpoint, connect_tracking,
-                                         _tracking_error, shipped_notebook, run_notebook)
+from .tracking import connect_tracking, _tracking_error, shipped_notebook, run_notebook
+from .training import Probabilities, model_from_checkpoint, load_checkpoint
 
 # %% ../nbs/06_evaluation.ipynb #7547a546
 RUN_ID = re.compile(r'^[0-9a-f]{32}$')
@@ -282,7 +282,6 @@ def evaluate_model(model:str='', split:str='test', batch_size:int=1000, n_bins:i
     atomic_write(out/'report.md', lambda f: f.write(report_markdown(r).encode()))
     atomic_write(out/'metrics.json', lambda f: f.write(json.dumps(r, indent=1).encode()))
     if log_to_mlflow and run is not None:
-        c = mlflow.MlflowClient()
         try:
             with mlflow.start_run(run_id=ref.run_id):
                 mlflow.log_metrics({r['prefix'] + k: m[k] for k in METRIC_KEYS})

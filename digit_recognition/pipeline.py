@@ -19,8 +19,8 @@ from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError
 from .data import prepare_data
 from .evaluation import (ModelRef, evaluation_dir, run_evaluation, check_gate, register_if_better)
-from .training import (notebook_parameters, add_parameter_flags, run_training, connect_tracking,
-                                         _tracking_error, redact)
+from .tracking import connect_tracking, _tracking_error, redact
+from .training import notebook_parameters, add_parameter_flags, run_training
 
 # %% ../nbs/10_pipeline.ipynb #6d2b7539
 def parse_grid(items:list, params:dict) -> dict:

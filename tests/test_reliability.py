@@ -26,7 +26,7 @@ def runs_in(d):
 
 def test_parallel_first_runs_on_a_new_store(tmp_path):
     "Three processes open a store that does not exist yet, at the same moment: all succeed, each with its run."
-    code = ("import sys, time; from digit_recognition.training import connect_tracking; import mlflow\n"
+    code = ("import sys, time; from digit_recognition.tracking import connect_tracking; import mlflow\n"
             "time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
             "connect_tracking(); mlflow.set_experiment('digit-recognition')\n"
             "with mlflow.start_run(): mlflow.log_metric('x', 1)\n")

@@ -153,7 +153,7 @@ def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client
     os.killpg(p.pid, signal.SIGKILL); p.wait()
     last = next(tmp_path.glob('*/last.pt')); rid = last.parent.name
     # MLflow still shows the run RUNNING; the next start on this machine sees that its process is gone.
-    from digit_recognition.training import mark_stale_runs, process_alive
+    from digit_recognition.tracking import mark_stale_runs, process_alive
     run = client.get_run(rid); kernel = int(run.data.tags['pid'])
     assert run.info.status == 'RUNNING'
     while process_alive(kernel) and time.time() < deadline: time.sleep(0.2)   # it notices that its parent died
