@@ -15,6 +15,25 @@ import mlflow
 from .config import Settings, DigitError, env_name, find_root, tracking_uri
 from .data import atomic_write
 
+# %% ../nbs/04_tracking.ipynb #584f0a71
+def redact(uri:str) -> str:
+    "`uri` with any user and password in it masked, for printing and logging."
+    return re.sub(r'//[^/@\s]+@', '//***@', uri)
+
+def move_credentials(uri:str) -> str:
+    "`uri` without a user and password; those go to MLFLOW_TRACKING_USERNAME/PASSWORD, for this process and its children."
+    from urllib.parse import urlsplit, unquote
+    u = urlsplit(uri)
+    if u.scheme not in ('http', 'https') or '@' not in u.netloc: return uri
+    cred, host = u.netloc.rsplit('@', 1)
+    user, _, pw = cred.partition(':')
+    os.environ['MLFLOW_TRACKING_USERNAME'] = unquote(user)
+    if pw: os.environ['MLFLOW_TRACKING_PASSWORD'] = unquote(pw)
+    clean = u._replace(netloc=host).geturl()
+    for k in ('MLFLOW_TRACKING_URI', env_name('mlflow', 'tracking_uri')):   # papermill kernels and workers inherit these
+        if k == 'MLFLOW_TRACKING_URI' or k in os.environ: os.environ[k] = clean
+    return clean
+
 # %% ../nbs/04_tracking.ipynb #48f225fc
 def _dagshub(s:Settings):
     "Point MLflow at DagsHub when DAGSHUB_REPO is set, with the token from DAGSHUB_USER_TOKEN (never a browser login)."
@@ -36,24 +55,6 @@ def _tracking_error(uri:str, e:Exception) -> DigitError:
         return DigitError(f"tracking server {redact(uri)} refused the credentials; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
     return DigitError(f"tracking server {redact(uri)} cannot be reached ({first})")
-
-def redact(uri:str) -> str:
-    "`uri` with any user and password in it masked, for printing and logging."
-    return re.sub(r'//[^/@\s]+@', '//***@', uri)
-
-def move_credentials(uri:str) -> str:
-    "`uri` without a user and password; those go to MLFLOW_TRACKING_USERNAME/PASSWORD, for this process and its children."
-    from urllib.parse import urlsplit, unquote
-    u = urlsplit(uri)
-    if u.scheme not in ('http', 'https') or '@' not in u.netloc: return uri
-    cred, host = u.netloc.rsplit('@', 1)
-    user, _, pw = cred.partition(':')
-    os.environ['MLFLOW_TRACKING_USERNAME'] = unquote(user)
-    if pw: os.environ['MLFLOW_TRACKING_PASSWORD'] = unquote(pw)
-    clean = u._replace(netloc=host).geturl()
-    for k in ('MLFLOW_TRACKING_URI', env_name('mlflow', 'tracking_uri')):   # papermill kernels and workers inherit these
-        if k == 'MLFLOW_TRACKING_URI' or k in os.environ: os.environ[k] = clean
-    return clean
 
 def _init_store(uri:str):
     "Create or upgrade a local SQLite store once, under a file lock, so that parallel first runs don't both create it."
