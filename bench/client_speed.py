@@ -11,7 +11,8 @@
 import argparse, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
-from digit_recognition.client import DigitPredictor, render_photo
+from digit_recognition.client import DigitPredictor
+from digit_recognition.images import render_photo
 from digit_recognition.data import load_cleaned
 
 

@@ -48,7 +48,7 @@ def pick(test_split, predictor, digit):
 @pytest.fixture(scope='module')
 def files(tmp_path_factory, test_split, predictor):
     "Real files of each kind, with the digit each should be read as or the error it should get."
-    from digit_recognition.client import render_photo
+    from digit_recognition.images import render_photo
     d = tmp_path_factory.mktemp('images')
     on_white = lambda a, size: Image.fromarray(255 - a).resize((size, size), Image.BILINEAR)
     expect = {}
@@ -93,7 +93,7 @@ def test_arrays_of_any_kind(predictor, test_split):
 
 def test_photos_read_as_well_as_mnist(predictor, test_split):
     "Test digits rendered as photos (dark ink on uneven paper, off-centre, rotated, blurred, JPEG) lose at most 1 point."
-    from digit_recognition.client import render_photo
+    from digit_recognition.images import render_photo
     x, y = test_split
     n = 600
     clean = (predictor.probabilities(x[:n]).argmax(1) == y[:n]).mean()
@@ -101,6 +101,8 @@ def test_photos_read_as_well_as_mnist(predictor, test_split):
     got = predictor.predict(photos)
     acc = np.mean([r.ok and r.digit == t for r, t in zip(got, y[:n])])
     assert acc >= clean - 0.01, (acc, clean)
+    through = np.mean([r.digit == t for r, t in zip(predictor.predict(list(x[:n])), y[:n])])
+    assert through == clean, (through, clean)    # MNIST digits come through to_mnist as they are
 
 
 def run(*args, env=None, timeout=300):
@@ -159,7 +161,7 @@ def interrupt(p:subprocess.Popen, timeout=60):
 
 def test_ctrl_c_stops_digit_predict(model_dir, test_split, tmp_path):
     "Ctrl-C in the middle of many files (read by worker processes): one line, `interrupted`, exit status 130."
-    from digit_recognition.client import render_photo
+    from digit_recognition.images import render_photo
     if not Path('/proc/self/stat').exists(): pytest.skip('needs /proc (Linux)')
     big = tmp_path/'big.png'
     render_photo(test_split[0][0], seed=1, size=2000).save(big)         # 2000x2000: each takes a while to read

@@ -108,6 +108,19 @@ def test_image_folder(tmp_path, run_cli, mnist_dir):
     with np.load(tmp_path/'clean'/'train.npz') as z: assert z['images'].shape[1:] == (28, 28) and z['images'].dtype == np.uint8
 
 
+def test_image_folder_validation_share(tmp_path, run_cli, mnist_dir):
+    "Without --val-size, a folder of your own keeps settings.ini's images_val_size for validation, every digit in it."
+    from digit_recognition.config import Settings
+    share = Settings().get('data', 'images_val_size')
+    root = tmp_path/'mine'; make_images(root, mnist_dir)
+    run_cli('digit-data', '--images', root, env=tmp_env(tmp_path), check=0)
+    m = json.loads((tmp_path/'clean'/'manifest.json').read_text())
+    assert (m['params']['val_size'], m['params']['test_size']) == (share, Settings().get('data', 'test_size'))
+    val, train = m['splits']['val'], m['splits']['train']
+    assert min(val['classes']) >= 1 and val['count'] >= round(share*(val['count'] + train['count']))
+    assert len(val['files']) == val['count'] and all(f.split('/')[0].isdigit() for f in val['files'])
+
+
 def test_image_folder_train_test_layout_drops_leaks(tmp_path, run_cli, mnist_dir):
     root = tmp_path/'mine'; make_images(root/'train', mnist_dir)
     shutil.copytree(root/'train', root/'test', ignore=shutil.ignore_patterns('[0-9]*.png'))   # test shares photo/drawn/...
