@@ -1,7 +1,8 @@
 """The client's quality and speed on this machine, against its targets.
 
   photos        accuracy on test digits rendered as photos (dark ink on uneven light paper, larger canvas, off-centre,
-                rotated, blurred, JPEG) next to the same model's accuracy on the clean test digits (target: within 1 point)
+                rotated, blurred, JPEG) next to the same model's accuracy on the clean test digits
+                (target: within 1 point)
   one image     after loading, one image file -> answer (target: under 10 ms; median of repeated calls)
   1,000 files   `digit-predict FOLDER` over 1,000 PNG files, the whole command (target: under 10 s)
 
@@ -30,8 +31,9 @@ def main():
     photos = [render_photo(x[i], seed=i) for i in range(n)]
     got = pred.predict(photos)
     photo_acc = np.mean([r.ok and r.digit == t for r, t in zip(got, y[:n])])
-    rows = [('photo accuracy vs clean', f"{photo_acc:.4f} vs {clean:.4f} ({n} test digits)", f"{100*(clean - photo_acc):+.2f} points",
-             'within 1 point', 'met' if clean - photo_acc <= 0.01 else 'NOT met')]
+    rows = [('photo accuracy vs clean', f"{photo_acc:.4f} vs {clean:.4f} ({n} test digits)",
+             f"{100*(clean - photo_acc):+.2f} points", 'within 1 point',
+             'met' if clean - photo_acc <= 0.01 else 'NOT met')]
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         for i in range(a.files): photos[i % n].convert('L').save(d/f"digit{i:04d}.png")
@@ -41,13 +43,15 @@ def main():
         for _ in range(200):
             t = time.perf_counter(); pred.predict(one); times.append(time.perf_counter() - t)
         ms = 1000*statistics.median(times)
-        rows.append(('one image file -> answer', f"{ms:.2f} ms (median of 200)", '', 'under 10 ms', 'met' if ms < 10 else 'NOT met'))
-        cmd = [str(Path(sys.executable).parent/'digit-predict'), str(d), '--format', 'csv', '--output', str(d/'out.csv')]
+        rows.append(('one image file -> answer', f"{ms:.2f} ms (median of 200)", '', 'under 10 ms',
+                     'met' if ms < 10 else 'NOT met'))
+        cmd = [str(Path(sys.executable).parent/'digit-predict'), str(d), '--format', 'csv',
+               '--output', str(d/'out.csv')]
         if a.model: cmd += ['--model', a.model]
         t = time.perf_counter(); r = subprocess.run(cmd, capture_output=True, text=True); wall = time.perf_counter() - t
         if r.returncode: sys.exit(f"digit-predict failed: {r.stderr.strip()[-500:]}")
-        rows.append((f'digit-predict over {a.files:,} PNG files', f"{wall:.1f} s (whole command)", f"{a.files/wall:,.0f} files/s",
-                     'under 10 s', 'met' if wall < 10 else 'NOT met'))
+        rows.append((f'digit-predict over {a.files:,} PNG files', f"{wall:.1f} s (whole command)",
+                     f"{a.files/wall:,.0f} files/s", 'under 10 s', 'met' if wall < 10 else 'NOT met'))
     print(f"model {pred.source} (loaded in {load_s:.1f} s)\n")
     print("| measure | result | | target | |\n|---|---|---|---|---|")
     for r in rows: print('| ' + ' | '.join(r) + ' |')

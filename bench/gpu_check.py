@@ -53,7 +53,8 @@ def main():
     print(f"\nmodel cnn, {count_parameters(last):,} parameters, dataset {data.version}\n")
     print("| recipe | epochs | training s | wall s | test accuracy | training images/s |\n|---|---|---|---|---|---|")
     for r in rows: print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.4f} | {r[5]:,.0f} |")
-    print(f"\nprediction: {pred_ips:,.0f} images/s (batches of 1000); CPU and GPU agree on {agree:.1%} of 500 test images")
+    print(f"\nprediction: {pred_ips:,.0f} images/s (batches of 1000); "
+          f"CPU and GPU agree on {agree:.1%} of 500 test images")
     assert agree > 0.99 and rows[-1][4] > 0.99
 
 

@@ -98,7 +98,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--parts', default='fast,reference,digit-train', help="which to run, comma-separated")
     ap.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda'")
-    ap.add_argument('--reference-epochs', type=int, default=14, help="epochs of the reference (the example's default: 14)")
+    ap.add_argument('--reference-epochs', type=int, default=14,
+                    help="epochs of the reference (the example's default: 14)")
     ap.add_argument('--stop-at-target', action=argparse.BooleanOptionalAction, default=True,
                     help="stop the reference once it reaches 99.0%% test accuracy")
     a = ap.parse_args()
@@ -106,21 +107,25 @@ def main():
     prepare_data(quiet=True)
     data = load_cleaned()
     dev = get_device(a.device)
-    print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, dataset {data.version}\n", flush=True)
+    print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"dataset {data.version}\n", flush=True)
     res = {}
     if 'fast' in parts: res['fast'] = run_fast(data, a.device)
     if 'reference' in parts: res['reference'] = run_reference(a.device, a.reference_epochs, a.stop_at_target)
     print(f"\n| recipe | epochs | training s | s to {TARGET:.1%} test acc | test acc per epoch | images/s |")
     print("|---|---|---|---|---|---|")
     for k, rows in res.items():
-        print(f"| {k} | {len(rows)} | {rows[-1][1]:.1f} | {to_target(rows)} | {' '.join(f'{r[2]:.4f}' for r in rows)} | "
+        print(f"| {k} | {len(rows)} | {rows[-1][1]:.1f} | {to_target(rows)} | "
+              f"{' '.join(f'{r[2]:.4f}' for r in rows)} | "
               f"{sum(r[3] for r in rows)/len(rows):,.0f} |")
     if 'fast' in res and 'reference' in res:
         f, r = to_target(res['fast']), to_target(res['reference'])
-        if 'not' not in f and 'not' not in r: print(f"\nspeed-up to {TARGET:.1%}: {float(r)/float(f):.1f}x")
+        if 'not' not in f and 'not' not in r:
+            print(f"\nspeed-up to {TARGET:.1%}: {float(r)/float(f):.1f}x")
     if 'digit-train' in parts:
         wall, acc, ep = run_digit_train(data)
-        print(f"\ndigit-train (defaults): {wall:.0f} s wall for the whole command, {ep} epochs, test accuracy {acc:.4f}")
+        print(f"\ndigit-train (defaults): {wall:.0f} s wall for the whole command, "
+              f"{ep} epochs, test accuracy {acc:.4f}")
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""`DigitPredictor`: read digits from photos, scans, drawings and arrays, locally or from a served model; `digit-predict` and the `digit-client` drawing pad.
+"""`DigitPredictor` reads photos, scans, drawings, arrays, locally or served; `digit-predict`, the `digit-client` pad.
 
 Docs: https://digit-recognition.github.io/digit-recognition/client.html.md"""
 
@@ -47,7 +47,8 @@ class ServedModel:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r: out = json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise DigitError(f"server {self.url}: HTTP {e.code} ({e.read()[:200].decode(errors='replace').strip()})") from None
+            raise DigitError(f"server {self.url}: HTTP {e.code} "
+                             f"({e.read()[:200].decode(errors='replace').strip()})") from None
         except (urllib.error.URLError, OSError) as e:
             raise DigitError(f"server {self.url}: cannot be reached ({getattr(e, 'reason', e)})") from None
         return np.asarray(out['predictions'] if isinstance(out, dict) else out, np.float32)
@@ -60,7 +61,7 @@ class DigitPredictor:
 
     @classmethod
     def load(cls, source:str|None=None, device:str='cpu', settings:Settings|None=None):
-        "Load `source`: None for the champion, a run id, `runs:/` or `models:/` URI, a checkpoint, or a served model's URL."
+        "Load `source`: None (the champion), a run id, `runs:/` or `models:/` URI, a checkpoint, or a served model URL."
         s = settings or Settings()
         source = source or f"models:/{s.get('mlflow', 'registered_model')}@champion"
         if str(source).startswith(('http://', 'https://')): return cls(ServedModel(str(source)), str(source))
@@ -73,7 +74,8 @@ class DigitPredictor:
     def probabilities(self, images:np.ndarray) -> np.ndarray:
         "Class probabilities for MNIST-style uint8 images (N x 28 x 28)."
         x = images.astype(np.float32)/255
-        if isinstance(self.model, ServedModel): return np.concatenate([self.model(x[i:i+self.batch_size]) for i in range(0, len(x), self.batch_size)])
+        if isinstance(self.model, ServedModel):
+            return np.concatenate([self.model(x[i:i+self.batch_size]) for i in range(0, len(x), self.batch_size)])
         import torch
         dev = next(self.model.parameters()).device
         with torch.no_grad():
@@ -81,8 +83,9 @@ class DigitPredictor:
                                    for i in range(0, len(x), self.batch_size)])
 
     def predict(self, inputs, top_k:int=3):
-        "Predictions for one input or a list; each input: a path, a PIL image or an array. A single input gives one `Prediction`."
-        single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3 and inputs.shape[-1] not in (3, 4))
+        "Predictions for one input or a list (each a path, PIL image or array); a single input gives one `Prediction`."
+        single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3
+                                                                and inputs.shape[-1] not in (3, 4))
         items = [inputs] if single else list(inputs)
         names = [_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
         workers = min(os.cpu_count() or 1, 8)
@@ -113,7 +116,8 @@ def expand_inputs(paths:list) -> list:
         q = Path(p).expanduser()
         if q.is_dir(): out += sorted(f for f in q.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         elif q.exists(): out.append(q)
-        elif any(c in str(p) for c in '*?['): out += sorted(Path(f) for f in glob.glob(str(q), recursive=True) if Path(f).is_file())
+        elif any(c in str(p) for c in '*?['):
+            out += sorted(Path(f) for f in glob.glob(str(q), recursive=True) if Path(f).is_file())
         else: out.append(q)                  # reported as 'no such file' in its row
     return out
 
@@ -123,12 +127,14 @@ def format_results(results:list, fmt:str='table') -> str:
              'top_k': ' '.join(f"{d}:{p:.3f}" for d, p in r.top_k), 'error': r.error or ''} for r in results]
     if fmt == 'json': return json.dumps([asdict(r) for r in results], indent=1) + '\n'
     if fmt == 'csv':
-        buf = io.StringIO(); w = csv.DictWriter(buf, list(rows[0]) if rows else ['file']); w.writeheader(); w.writerows(rows)
+        buf = io.StringIO(); w = csv.DictWriter(buf, list(rows[0]) if rows else ['file'])
+        w.writeheader(); w.writerows(rows)
         return buf.getvalue()
     width = max([len('file')] + [len(r['file']) for r in rows])
     lines = [f"{'file':<{width}}  digit  confidence  top-k"]
     for r in rows:
-        lines.append(f"{r['file']:<{width}}  " + (f"{r['digit']:>5}  {r['confidence']:>10.1%}  {r['top_k']}" if not r['error'] else f"error: {r['error']}"))
+        lines.append(f"{r['file']:<{width}}  " + (f"{r['digit']:>5}  {r['confidence']:>10.1%}  {r['top_k']}"
+                                                  if not r['error'] else f"error: {r['error']}"))
     return '\n'.join(lines) + '\n'
 
 def annotate(path, pred:Prediction) -> Image.Image:
@@ -145,13 +151,18 @@ def predict_parser() -> argparse.ArgumentParser:
     "The `digit-predict` command line."
     p = argparse.ArgumentParser('digit-predict', description="Read handwritten digits from image files (photos, scans, "
         "drawings): prints a table, or writes JSON / CSV. Exits 1 if any input could not be read.")
-    p.add_argument('paths', nargs='+', metavar='PATH', help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument('--model', default=None, help="a run id, runs:/ or models:/ URI, or checkpoint (default: models:/digit-recognizer@champion)")
-    p.add_argument('--server', default=None, metavar='URL', help="use a model served by `mlflow models serve` at URL instead of loading one")
+    p.add_argument('paths', nargs='+', metavar='PATH',
+                   help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument('--model', default=None,
+                   help="a run id, runs:/ or models:/ URI, or checkpoint (default: models:/digit-recognizer@champion)")
+    p.add_argument('--server', default=None, metavar='URL',
+                   help="use a model served by `mlflow models serve` at URL instead of loading one")
     p.add_argument('--top-k', type=int, default=3, help="how many candidates to list per image (default: %(default)s)")
-    p.add_argument('--format', choices=['table', 'json', 'csv'], default='table', help="output format (default: %(default)s)")
+    p.add_argument('--format', choices=['table', 'json', 'csv'], default='table',
+                   help="output format (default: %(default)s)")
     p.add_argument('--output', default=None, metavar='FILE', help="write the results to FILE instead of the terminal")
-    p.add_argument('--save-annotated', default=None, metavar='DIR', help="save each image with its prediction written on it to DIR")
+    p.add_argument('--save-annotated', default=None, metavar='DIR',
+                   help="save each image with its prediction written on it to DIR")
     return p
 
 def digit_predict(argv=None):
@@ -176,10 +187,12 @@ def _digit_predict(argv=None) -> int:
     if a.save_annotated:
         d = Path(a.save_annotated); d.mkdir(parents=True, exist_ok=True)
         for f, r in zip(files, results):
-            if r.ok: atomic_write(d/f"{Path(f).stem}-{r.digit}.png", lambda out, f=f, r=r: annotate(f, r).save(out, 'PNG'))
+            if r.ok: atomic_write(d/f"{Path(f).stem}-{r.digit}.png",
+                                  lambda out, f=f, r=r: annotate(f, r).save(out, 'PNG'))
     failed = [r for r in results if not r.ok]
     if failed:
-        print(f"error: {len(failed)} of {len(results)} inputs could not be read (first: {failed[0].source}: {failed[0].error})", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(results)} inputs could not be read "
+              f"(first: {failed[0].source}: {failed[0].error})", file=sys.stderr)
         return 1
     return 0
 
@@ -191,7 +204,8 @@ class DrawingPad:
         import tkinter as tk
         self.root, self.predictor, self.save_dir = root, predictor, Path(save_dir)
         root.title('digit-client'); root.resizable(False, False)
-        self.canvas = tk.Canvas(root, width=self.SIZE, height=self.SIZE, bg='white', cursor='pencil', highlightthickness=1)
+        self.canvas = tk.Canvas(root, width=self.SIZE, height=self.SIZE, bg='white', cursor='pencil',
+                                highlightthickness=1)
         self.canvas.grid(row=0, column=0, rowspan=2, padx=8, pady=8)
         self.bars = tk.Canvas(root, width=220, height=self.SIZE, bg='white', highlightthickness=0)
         self.bars.grid(row=0, column=1, padx=8, pady=8)
@@ -218,7 +232,8 @@ class DrawingPad:
         "Draw the stroke from the last point to the mouse, on the screen and in the image, and predict."
         x0, y0 = self.last or (e.x, e.y); r = self.PEN/2
         self.canvas.create_line(x0, y0, e.x, e.y, width=self.PEN, capstyle='round', smooth=True)
-        self.ink.line([x0, y0, e.x, e.y], fill=0, width=self.PEN); self.ink.ellipse([e.x-r, e.y-r, e.x+r, e.y+r], fill=0)
+        self.ink.line([x0, y0, e.x, e.y], fill=0, width=self.PEN)
+        self.ink.ellipse([e.x-r, e.y-r, e.x+r, e.y+r], fill=0)
         self.last = (e.x, e.y)
         self.update()
 
@@ -235,7 +250,8 @@ class DrawingPad:
         for d in range(10):
             v = probs.get(d, 0.0); y = d*h
             self.bars.create_text(10, y + h/2, text=str(d))
-            self.bars.create_rectangle(24, y + 4, 24 + 160*v, y + h - 4, fill='#d62728' if p and d == p.digit else '#1f77b4', width=0)
+            self.bars.create_rectangle(24, y + 4, 24 + 160*v, y + h - 4,
+                                       fill='#d62728' if p and d == p.digit else '#1f77b4', width=0)
             self.bars.create_text(190, y + h/2, text=f"{v:.0%}" if p else '')
         text = f"{p.digit}  ({p.probability:.0%})" if p else 'draw a digit'
         self.label.config(text=text); self.root.title(f"digit-client: {text}")
@@ -254,7 +270,8 @@ def client_parser() -> argparse.ArgumentParser:
     "The `digit-client` command line."
     p = argparse.ArgumentParser('digit-client', description="A drawing pad: draw a digit with the mouse and watch the "
                                 "model read it. Needs a display.")
-    p.add_argument('--model', default=None, help="a run id, runs:/ or models:/ URI, checkpoint, or served model URL (default: the champion)")
+    p.add_argument('--model', default=None,
+                   help="a run id, runs:/ or models:/ URI, checkpoint, or served model URL (default: the champion)")
     p.add_argument('--save-dir', default='drawings', help="where Save puts the PNGs (default: %(default)s)")
     return p
 
@@ -290,7 +307,8 @@ def show_prediction(predictor:DigitPredictor, image, title:str=''):
     if p.ok:
         axs[1].imshow(to_mnist(image), cmap='gray', vmin=0, vmax=255); axs[1].set_title('what the model sees')
         probs = dict(p.top_k)
-        axs[2].bar(range(10), [probs.get(d, 0) for d in range(10)], color=['tab:red' if d == p.digit else 'tab:blue' for d in range(10)])
+        axs[2].bar(range(10), [probs.get(d, 0) for d in range(10)],
+                   color=['tab:red' if d == p.digit else 'tab:blue' for d in range(10)])
         axs[2].set_xticks(range(10)); axs[2].set_ylim(0, 1); axs[2].set_title(f"{p.digit} ({p.probability:.1%})")
     else: axs[2].set_title(p.error, fontsize=8)
     for ax in axs[:2]: ax.axis('off')

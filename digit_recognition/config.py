@@ -23,7 +23,7 @@ class DigitError(CliError):
 
 # %% ../nbs/00_config.ipynb #e566c9a2
 def find_root(start=None) -> Path:
-    "The project folder: `DIGIT_HOME`, else the nearest folder holding `settings.ini` upwards from `start` (cwd), else `start`."
+    "The project folder: `DIGIT_HOME`, else the nearest folder with `settings.ini` up from `start` (cwd), else `start`."
     if start is None and os.environ.get('DIGIT_HOME'): return Path(os.environ['DIGIT_HOME']).expanduser().resolve()
     here = Path(start or Path.cwd()).resolve()
     return next((d for d in [here, *here.parents] if (d/'settings.ini').is_file()), here)
@@ -111,7 +111,8 @@ class Settings:
         for s in self.project.sections():
             for k in self.project.options(s):
                 if not self.ini.has_option(s, k):
-                    raise DigitError(f"{f}: unknown setting [{s}] {k} (`python -m digit_recognition.config` lists them)")
+                    raise DigitError(f"{f}: unknown setting [{s}] {k} "
+                                     "(`python -m digit_recognition.config` lists them)")
         self.ini.read_dict(self.project)
         f = self.root/env_file
         self.dotenv = {k: v for k, v in dotenv_values(f).items() if v is not None} if f.is_file() else {}

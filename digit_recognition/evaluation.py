@@ -44,8 +44,10 @@ def latest_run(settings:Settings|None=None) -> str:
     name = s.get('mlflow', 'experiment')
     exp = mlflow.get_experiment_by_name(name)
     runs = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.checkpoint_dir LIKE '%'",
-                              max_results=1, order_by=['attributes.start_time DESC'], output_format='list') if exp else []
-    if not runs: raise DigitError(f"model: no finished training run in experiment '{name}'; run `digit-train` first or name a model")
+                              max_results=1, order_by=['attributes.start_time DESC'],
+                              output_format='list') if exp else []
+    if not runs: raise DigitError(f"model: no finished training run in experiment '{name}'; "
+                                  "run `digit-train` first or name a model")
     return runs[0].info.run_id
 
 def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
@@ -63,14 +65,15 @@ def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
             if alias: run_id = c.get_model_version_by_alias(name, alias).run_id
             elif version: run_id = c.get_model_version(name, version).run_id
             else: run_id = mlflow.models.get_model_info(source).run_id
-        except (MlflowException, OSError) as e: raise DigitError(f"model: cannot find {source} ({str(e).strip().splitlines()[0][:160]})") from None
+        except (MlflowException, OSError) as e:
+            raise DigitError(f"model: cannot find {source} ({str(e).strip().splitlines()[0][:160]})") from None
         ck = s.path('paths', 'results_dir')/(run_id or '-')/'best.pt'  # the same weights, on this machine: no download
         return ModelRef(source, run_id or '', uri=source, checkpoint=str(ck) if run_id and ck.is_file() else '')
     p = Path(source).expanduser()
     if p.is_dir(): p = p/'best.pt'
     if p.is_file(): return ModelRef(str(p), p.parent.name if RUN_ID.match(p.parent.name) else '', checkpoint=str(p))
     if RUN_ID.match(source):
-        ck = s.path('paths', 'results_dir')/source/'best.pt'   # the run's own best checkpoint when it is on this machine
+        ck = s.path('paths', 'results_dir')/source/'best.pt'  # the run's own best checkpoint when it is on this machine
         return ModelRef(source, source, uri=f"runs:/{source}/model", checkpoint=str(ck) if ck.is_file() else '')
     raise DigitError(f"model: '{source}' is not a run id, a runs:/ or models:/ URI, or a checkpoint file")
 
@@ -83,7 +86,7 @@ def _pickled_module(path:Path) -> nn.Module:
     with torch.serialization.safe_globals(known): return torch.load(path, map_location='cpu', weights_only=True)
 
 def load_logged_model(uri:str) -> nn.Module:
-    "The MLflow model at `uri` read as weights only (a checkpoint, or an old pickled module of known layers); never pickle."
+    "The MLflow model at `uri` as weights only (a checkpoint, or an old pickled module of known layers); never pickle."
     import yaml
     d = Path(mlflow.artifacts.download_artifacts(uri))
     flavors = yaml.safe_load((d/'MLmodel').read_text()).get('flavors', {})
@@ -92,8 +95,8 @@ def load_logged_model(uri:str) -> nn.Module:
     if not f.is_file(): raise DigitError(f"model: {uri} holds no weights file that loads without pickle; refusing it")
     try: return Probabilities(model_from_checkpoint(f)) if ck else _pickled_module(f)
     except (DigitError, pickle.UnpicklingError, RuntimeError, KeyError, TypeError):
-        raise DigitError(f"model: {uri}: {f.relative_to(d)} is not a plain weights file (it would need pickle to load); "
-                         "refusing it") from None
+        raise DigitError(f"model: {uri}: {f.relative_to(d)} is not a plain weights file (it would need pickle to load)"
+                         "; refusing it") from None
 
 def load_model(ref:ModelRef, device='cpu') -> nn.Module:
     "The model `ref` names, in eval mode on `device`, returning class probabilities."
@@ -102,7 +105,8 @@ def load_model(ref:ModelRef, device='cpu') -> nn.Module:
         else: net = load_logged_model(ref.uri)
     except DigitError: raise
     except Exception as e:
-        raise DigitError(f"model: cannot load {ref.label} ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DigitError(f"model: cannot load {ref.label} ({why})") from None
     return net.to(get_device(device)).eval()
 
 @torch.no_grad()
@@ -114,7 +118,7 @@ def predict_proba(net:nn.Module, images:torch.Tensor, batch_size:int=1000) -> np
 
 # %% ../nbs/06_evaluation.ipynb #85757a0b
 def calibration(confidence:np.ndarray, correct:np.ndarray, n_bins:int=15) -> tuple:
-    "`(ece, bins)`: expected calibration error and, per equal-width confidence bin, `{lo, hi, count, confidence, accuracy}`."
+    "`(ece, bins)`: calibration error (ECE); per equal-width confidence bin, `{lo, hi, count, confidence, accuracy}`."
     edges = np.linspace(0, 1, n_bins + 1)
     idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
     bins, ece = [], 0.0
@@ -138,8 +142,8 @@ def classification_metrics(labels:np.ndarray, probs:np.ndarray, n_bins:int=15) -
         out.update({f'{avg}_precision': float(p), f'{avg}_recall': float(r), f'{avg}_f1': float(f)})
     p, r, f, n = precision_recall_fscore_support(labels, pred, labels=classes, zero_division=0)
     out['ece'], bins = calibration(conf, pred == labels, n_bins)
-    out['per_class'] = [{'digit': c, 'support': int(n[c]), 'precision': float(p[c]), 'recall': float(r[c]), 'f1': float(f[c])}
-                        for c in classes]
+    out['per_class'] = [{'digit': c, 'support': int(n[c]), 'precision': float(p[c]), 'recall': float(r[c]),
+                         'f1': float(f[c])} for c in classes]
     out['confusion_matrix'], out['calibration_bins'] = cm.tolist(), bins
     return out
 
@@ -149,7 +153,8 @@ def plot_confusion(cm, normalize:bool=False, title:str=''):
     cm = np.asarray(cm, dtype=float)
     shown = cm/np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    im = ax.imshow(shown, cmap='Blues', norm=None if normalize else plt.matplotlib.colors.LogNorm(vmin=1, vmax=max(cm.max(), 2)))
+    im = ax.imshow(shown, cmap='Blues',
+                   norm=None if normalize else plt.matplotlib.colors.LogNorm(vmin=1, vmax=max(cm.max(), 2)))
     fig.colorbar(im, ax=ax, fraction=0.046)
     n = len(cm)
     ax.set_xticks(range(n)); ax.set_yticks(range(n))
@@ -160,7 +165,8 @@ def plot_confusion(cm, normalize:bool=False, title:str=''):
             if cm[i, j] == 0: continue
             v = f"{shown[i, j]:.3f}" if normalize else f"{int(cm[i, j])}"
             dark = shown[i, j] > (0.5 if normalize else np.sqrt(max(cm.max(), 1)))
-            ax.text(j, i, v, ha='center', va='center', fontsize=6.5 if normalize else 7, color='white' if dark else 'black')
+            ax.text(j, i, v, ha='center', va='center', fontsize=6.5 if normalize else 7,
+                    color='white' if dark else 'black')
     fig.tight_layout()
     return fig
 
@@ -184,16 +190,17 @@ def plot_confident_errors(images, labels, probs, n:int=24):
     "The most confidently wrong images, titled true -> predicted (confidence)."
     idx = confident_errors(labels, probs, n)
     titles = [f"{int(labels[i])}→{int(probs[i].argmax())} ({probs[i].max():.0%})" for i in idx]
-    return show_grid([images[i] for i in idx] or [np.zeros((28, 28))], titles or ['no errors'], ncols=min(8, max(len(idx), 1)),
-                     size=1.1, suptitle='most confident mistakes: true → predicted (confidence)')
+    return show_grid([images[i] for i in idx] or [np.zeros((28, 28))], titles or ['no errors'],
+                     ncols=min(8, max(len(idx), 1)), size=1.1,
+                     suptitle='most confident mistakes: true → predicted (confidence)')
 
 def plot_reliability(bins:list, ece:float):
     "Reliability diagram: accuracy against confidence per bin, with the share of images in each bin below."
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, gridspec_kw={'height_ratios': [3, 1]})
     mid = [(b['lo'] + b['hi'])/2 for b in bins]; w = bins[0]['hi'] - bins[0]['lo']
     used = [b['count'] > 0 for b in bins]
-    ax.bar([m for m, u in zip(mid, used) if u], [b['accuracy'] for b, u in zip(bins, used) if u], width=w, edgecolor='k',
-           color='tab:blue', label='accuracy')
+    ax.bar([m for m, u in zip(mid, used) if u], [b['accuracy'] for b, u in zip(bins, used) if u], width=w,
+           edgecolor='k', color='tab:blue', label='accuracy')
     ax.plot([0, 1], [0, 1], 'k--', label='perfect calibration')
     ax.set_ylabel('accuracy'); ax.set_title(f'reliability diagram (ECE {ece:.4f})'); ax.legend(loc='upper left')
     total = sum(b['count'] for b in bins) or 1
@@ -215,21 +222,22 @@ def inference_speed(net:nn.Module, images:torch.Tensor, batch_size:int=1000, sec
     return n/t
 
 # %% ../nbs/06_evaluation.ipynb #e27bd2a2
-METRIC_KEYS = ('accuracy', 'loss', 'macro_precision', 'macro_recall', 'macro_f1', 'weighted_precision', 'weighted_recall',
-               'weighted_f1', 'ece', 'images_per_second')
+METRIC_KEYS = ('accuracy', 'loss', 'macro_precision', 'macro_recall', 'macro_f1', 'weighted_precision',
+               'weighted_recall', 'weighted_f1', 'ece', 'images_per_second')
 
 def metric_prefix(split:str) -> str:
-    "MLflow prefix of evaluation metrics: `test_` for the test split, `eval_<split>_` otherwise (apart from training's `val_*`)."
+    "MLflow prefix of evaluation metrics: `test_` for the test split, else `eval_<split>_` (not training's `val_*`)."
     return 'test_' if split == 'test' else f'eval_{split}_'
 
 def evaluation_dir(ref:ModelRef, split:str='test', settings:Settings|None=None) -> Path:
-    "Where the evaluation of `ref` goes: `<run folder>/evaluation/` (`evaluation-<split>/` for other splits), in the project."
+    "Where `ref`'s evaluation goes: `<run folder>/evaluation/` (`evaluation-<split>/` for other splits) in the project."
     s = settings or Settings()
     results = s.path('paths', 'results_dir').resolve()
     ck = Path(ref.checkpoint).resolve()
     if ref.run_id: base = results/ref.run_id
     elif ck.is_relative_to(results): base = ck.parent
-    else: base = results/'checkpoints'/f"{ck.stem}-{hashlib.sha256(str(ck).encode()).hexdigest()[:8]}"  # never beside a stranger's file
+    else:   # never beside a stranger's file
+        base = results/'checkpoints'/f"{ck.stem}-{hashlib.sha256(str(ck).encode()).hexdigest()[:8]}"
     return base/('evaluation' if split == 'test' else f'evaluation-{split}')
 
 def report_markdown(r:dict) -> str:
@@ -237,11 +245,14 @@ def report_markdown(r:dict) -> str:
     m = r['metrics']
     lines = [f"# Evaluation of {r['model']}", '',
              f"- split: {r['split']} ({r['n_images']} images), dataset version {r['dataset_version']}"
-             + (f" (model trained on {r['model_dataset_version']})" if r['model_dataset_version'] not in ('', r['dataset_version']) else ''),
+             + (f" (model trained on {r['model_dataset_version']})"
+                if r['model_dataset_version'] not in ('', r['dataset_version']) else ''),
              f"- run: {r['run_id'] or '(none)'}", f"- device: {r['device']}", '',
-             '| metric | value |', '|---|---|', *[f"| {k} | {m[k]:.4f} |" if k != 'images_per_second' else f"| {k} | {m[k]:,.0f} |" for k in METRIC_KEYS],
+             '| metric | value |', '|---|---|',
+             *[f"| {k} | {m[k]:.4f} |" if k != 'images_per_second' else f"| {k} | {m[k]:,.0f} |" for k in METRIC_KEYS],
              '', '## Per digit', '', '| digit | support | precision | recall | F1 |', '|---|---|---|---|---|',
-             *[f"| {c['digit']} | {c['support']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} |" for c in m['per_class']],
+             *[f"| {c['digit']} | {c['support']} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} |"
+               for c in m['per_class']],
              '', '## Pictures', '', *[f"![{k}]({f})" for k, f in r['figures'].items()], '']
     return '\n'.join(lines)
 
@@ -263,7 +274,8 @@ def evaluate_model(model:str='', split:str='test', batch_size:int=1000, n_bins:i
     if ref.run_id:
         try: run = mlflow.MlflowClient().get_run(ref.run_id)
         except MlflowException: run = None
-    model_version = (run.data.tags.get('dataset_version', '') if run else '') or (load_checkpoint(ref.checkpoint).get('dataset_version', '') if ref.checkpoint else '')
+    model_version = ((run.data.tags.get('dataset_version', '') if run else '')
+                     or (load_checkpoint(ref.checkpoint).get('dataset_version', '') if ref.checkpoint else ''))
     if model_version and model_version != data.version:
         warnings.warn(f"model {ref.label} was trained on dataset {model_version}, evaluated on {data.version}")
     probs = predict_proba(net, images, batch_size)
@@ -276,9 +288,10 @@ def evaluate_model(model:str='', split:str='test', batch_size:int=1000, n_bins:i
             'confident_errors': plot_confident_errors(images.squeeze(1).numpy(), labels.numpy(), probs, n_errors),
             'reliability': plot_reliability(m['calibration_bins'], m['ece'])}
     for k, fig in figs.items(): _save_figure(fig, out/f'{k}.png')
-    r = {'model': ref.label, 'run_id': ref.run_id, 'split': split, 'n_images': len(labels), 'dataset_version': data.version,
-         'model_dataset_version': model_version, 'device': str(next(net.parameters()).device),
-         'prefix': metric_prefix(split), 'metrics': m, 'figures': {k: f'{k}.png' for k in figs}, 'evaluation_dir': str(out)}
+    r = {'model': ref.label, 'run_id': ref.run_id, 'split': split, 'n_images': len(labels),
+         'dataset_version': data.version, 'model_dataset_version': model_version,
+         'device': str(next(net.parameters()).device), 'prefix': metric_prefix(split), 'metrics': m,
+         'figures': {k: f'{k}.png' for k in figs}, 'evaluation_dir': str(out)}
     atomic_write(out/'report.md', lambda f: f.write(report_markdown(r).encode()))
     atomic_write(out/'metrics.json', lambda f: f.write(json.dumps(r, indent=1).encode()))
     if log_to_mlflow and run is not None:
@@ -308,8 +321,10 @@ def champion_accuracy(champion, dataset_version:str, settings:Settings|None=None
         return float(champion.tags['test_accuracy']), 'recorded'
     data = load_cleaned(splits=('test',))
     if data.version != dataset_version:
-        raise DigitError(f"dataset: the cleaned data is version {data.version}, the candidate was evaluated on {dataset_version}")
-    net = load_model(ModelRef(f"models:/{champion.name}/{champion.version}", uri=f"models:/{champion.name}/{champion.version}"))
+        raise DigitError(f"dataset: the cleaned data is version {data.version}, "
+                         f"the candidate was evaluated on {dataset_version}")
+    net = load_model(ModelRef(f"models:/{champion.name}/{champion.version}",
+                              uri=f"models:/{champion.name}/{champion.version}"))
     probs = predict_proba(net, data.test[0])
     return float((probs.argmax(1) == data.test[1].numpy()).mean()), f'measured again on {dataset_version}'
 
@@ -320,20 +335,23 @@ def logged_model_uri(run_id:str) -> str:
     return f"models:/{ids[-1]}" if ids else f"runs:/{run_id}/model"
 
 def register_if_better(evaluation:dict, name:str='', settings:Settings|None=None) -> dict:
-    "Register the evaluated run's model as a new version (alias `challenger`); make it `champion` if it beats the current one."
+    "Register the evaluated run's model as a new version (alias `challenger`); `champion` if it beats the current one."
     s = settings or Settings()
     name = name or s.get('mlflow', 'registered_model')
     rid, m, dsv = evaluation['run_id'], evaluation['metrics'], evaluation['dataset_version']
     if not rid: raise DigitError(f"register: {evaluation['model']} is not tied to an MLflow run; use --no-register")
-    if evaluation['split'] != 'test': raise DigitError(f"register: models are compared on the test split, not '{evaluation['split']}'")
+    if evaluation['split'] != 'test':
+        raise DigitError(f"register: models are compared on the test split, not '{evaluation['split']}'")
     client = mlflow.MlflowClient()
     try:
         try: client.get_registered_model(name)
         except MlflowException:
-            client.create_registered_model(name, description="Handwritten digit recognisers: 28x28 images scaled 0..1 -> 10 class probabilities. "
-                                                              "Alias 'champion' is the model clients use; 'challenger' the latest candidate.")
+            client.create_registered_model(
+                name, description="Handwritten digit recognisers: 28x28 images scaled 0..1 -> 10 class probabilities. "
+                                  "Alias 'champion' is the model clients use; 'challenger' the latest candidate.")
         champ = _champion(client, name)
-        tags = {'run_id': rid, 'dataset_version': dsv, **{f'test_{k}': f"{m[k]:.6f}" for k in ('accuracy', 'macro_f1', 'weighted_f1', 'ece')}}
+        tags = {'run_id': rid, 'dataset_version': dsv,
+                **{f'test_{k}': f"{m[k]:.6f}" for k in ('accuracy', 'macro_f1', 'weighted_f1', 'ece')}}
         mv = mlflow.register_model(logged_model_uri(rid), name, tags=tags)
         acc = m['accuracy']
         if champ is None: win, reason = True, f"no champion yet; test_accuracy {acc:.4f}"
@@ -341,7 +359,8 @@ def register_if_better(evaluation:dict, name:str='', settings:Settings|None=None
             c_acc, how = champion_accuracy(champ, dsv, s)
             win = acc > c_acc
             rel = '>' if win else ('=' if acc == c_acc else '<')
-            reason = (f"test_accuracy {acc:.4f} {rel} champion version {champ.version}'s {c_acc:.4f} ({how}, dataset {dsv})"
+            reason = (f"test_accuracy {acc:.4f} {rel} champion version {champ.version}'s {c_acc:.4f} "
+                      f"({how}, dataset {dsv})"
                       + ('' if win else '; champion kept'))
         decision = 'champion' if win else 'challenger'
         client.set_registered_model_alias(name, 'challenger', mv.version)
@@ -386,12 +405,14 @@ def evaluate_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
         "and 'champion' if it beats the current champion. Exits 1 when the gate fails.")
     p.add_argument('model', nargs='?', default='', help="a run id, a runs:/ or models:/ URI, or a checkpoint "
                    "(default: the latest finished training run)")
-    p.add_argument('--split', default=s.get('evaluate', 'split'), choices=['test', 'val'], help="the split to measure on (default: %(default)s)")
+    p.add_argument('--split', default=s.get('evaluate', 'split'), choices=['test', 'val'],
+                   help="the split to measure on (default: %(default)s)")
     p.add_argument('--min-accuracy', type=float, default=s.get('evaluate', 'min_accuracy'),
                    help="the gate: fail below this accuracy (default: %(default)s, from settings.ini [evaluate])")
     p.add_argument('--register', action=argparse.BooleanOptionalAction, default=s.get('evaluate', 'register'),
                    help="register a model that passes, and decide champion (default: %(default)s)")
-    p.add_argument('--batch-size', type=int, default=s.get('evaluate', 'batch_size'), help="images per prediction batch (default: %(default)s)")
+    p.add_argument('--batch-size', type=int, default=s.get('evaluate', 'batch_size'),
+                   help="images per prediction batch (default: %(default)s)")
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 

@@ -35,10 +35,11 @@ def mlp(hidden=(256, 128, 64), dropout:float=0.3) -> nn.Sequential:
 # %% ../nbs/03_model.ipynb #f988e3fb
 def conv_block(c_in:int, c_out:int) -> list:
     "3x3 convolution, batch norm, ReLU, 2x2 max-pool."
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True), nn.MaxPool2d(2)]
 
 def cnn(width:int=16, hidden:int=128, dropout:float=0.0) -> nn.Sequential:
-    "A compact convolutional network: three conv blocks (`width`, 2x, 4x channels) and a classifier with one hidden layer."
+    "A compact convolutional network: three conv blocks (`width`, 2x, 4x channels), a one-hidden-layer classifier."
     w = [1, width, 2*width, 4*width]
     blocks = [l for i in range(3) for l in conv_block(w[i], w[i+1])]
     n, head = w[3]*3*3, [nn.Flatten()]

@@ -30,7 +30,8 @@ def parse_grid(items:list, params:dict) -> dict:
         name, sep, vals = it.partition('=')
         name = name.strip().replace('-', '_')
         if not sep or not vals.strip(): raise DigitError(f"--grid {it}: expected NAME=V1,V2,...")
-        if name not in params: raise DigitError(f"--grid {it}: unknown parameter '{name}' (expected one of {', '.join(params)})")
+        if name not in params:
+            raise DigitError(f"--grid {it}: unknown parameter '{name}' (expected one of {', '.join(params)})")
         t = params[name]['type']
         conv = (lambda v: v.strip().lower() in ('1', 'true', 'yes')) if t is bool else t
         try: grid[name] = [conv(v.strip()) for v in vals.split(',')]
@@ -78,21 +79,23 @@ def run_sweep(grid:dict, fixed:dict, jobs:int=1, settings:Settings|None=None, qu
     jobs = max(1, min(jobs, len(combos))); threads = max(1, (os.cpu_count() or 1)//jobs)
     try:
         exp = mlflow.set_experiment(fixed.get('experiment') or s.get('mlflow', 'experiment'))
-        parent = mlflow.MlflowClient(uri).create_run(exp.experiment_id, run_name=fixed.get('run_name') or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
-                                                     tags={'sweep': 'parent'})
+        parent = mlflow.MlflowClient(uri).create_run(
+            exp.experiment_id, run_name=fixed.get('run_name') or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={'sweep': 'parent'})
     except MlflowException as e: raise _tracking_error(uri, e) from None
     pid = parent.info.run_id
     if not quiet: print(f"sweep {pid}: {len(combos)} runs, {jobs} at a time", flush=True)
     rows = []
     ctx = multiprocessing.get_context('spawn')
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        futs = {pool.submit(_child, {**fixed, **c, 'run_name': '-'.join(f"{k}={v}" for k, v in c.items())}, pid, threads): c for c in combos}
+        futs = {pool.submit(_child, {**fixed, **c, 'run_name': '-'.join(f"{k}={v}" for k, v in c.items())},
+                            pid, threads): c for c in combos}
         for f in as_completed(futs):
             r = {**futs[f], **f.result()}; rows.append(r)
             if not quiet:
                 what = ', '.join(f"{k}={r[k]}" for k in keys)
-                print(f"  {what}: " + (f"best val_accuracy {r['best_val_accuracy']:.4f} (run {r['run_id']})" if r['status'] == 'ok'
-                                       else f"FAILED: {r['error']}"), flush=True)
+                print(f"  {what}: " + (f"best val_accuracy {r['best_val_accuracy']:.4f} (run {r['run_id']})"
+                                       if r['status'] == 'ok' else f"FAILED: {r['error']}"), flush=True)
     csv_text, md, rows = comparison_table(rows, keys)
     with mlflow.start_run(run_id=pid):
         mlflow.log_params({f"grid.{k}": ','.join(map(str, v)) for k, v in grid.items()})
@@ -187,7 +190,8 @@ def run_pipeline(params:dict, force:bool=False, min_accuracy:float=0.99, registe
     else: ev = run_evaluation(rid, 'test', log_output=not quiet, settings=s)
     ok, why = check_gate(ev['metrics'], min_accuracy, ev['prefix'])
     summary = {'dataset_version': version, 'run_id': rid, 'test_accuracy': ev['metrics']['accuracy'], 'gate': why,
-               'passed': ok, 'registry': None, 'report': str(Path(ev['evaluation_dir'])/'report.md'), 'tracking_uri': redact(uri)}
+               'passed': ok, 'registry': None, 'report': str(Path(ev['evaluation_dir'])/'report.md'),
+               'tracking_uri': redact(uri)}
     say("[4/4] register")
     if not ok: say(f"      not registered: the gate failed ({why})")
     elif not register: say("      skipped (--no-register)")
@@ -202,8 +206,8 @@ def print_summary(r:dict):
     print(f"\ndataset version   {r['dataset_version']}")
     print(f"run               {r['run_id']}")
     print(f"test accuracy     {r['test_accuracy']:.4f}  (gate: {'passed' if r['passed'] else 'FAILED'}, {r['gate']})")
-    print("registry          " + (f"{reg['name']} version {reg['version']}: {reg['decision']} ({reg['reason']}); champion is version {reg['champion']}"
-                                  if reg else 'not registered'))
+    print("registry          " + (f"{reg['name']} version {reg['version']}: {reg['decision']} ({reg['reason']}); "
+                                  f"champion is version {reg['champion']}" if reg else 'not registered'))
     print(f"report            {r['report']}")
     ui = 'make ui' if r['tracking_uri'].startswith('sqlite:') else r['tracking_uri']
     print(f"MLflow            {r['tracking_uri']}  (open with: {ui})")
@@ -213,7 +217,8 @@ def pipeline_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     "The `digit-pipeline` command line."
     s = settings or Settings()
     p = argparse.ArgumentParser('digit-pipeline', description="Prepare the data, train, evaluate and register, "
-        "reusing each stage's output when it is current. Training flags are those of digit-train (defaults: settings.ini).")
+        "reusing each stage's output when it is current. "
+        "Training flags are those of digit-train (defaults: settings.ini).")
     p.add_argument('--force', action='store_true', help="redo every stage even if its output is current")
     p.add_argument('--min-accuracy', type=float, default=s.get('evaluate', 'min_accuracy'),
                    help="the gate: stop before the registry below this test accuracy (default: %(default)s)")

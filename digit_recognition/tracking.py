@@ -1,4 +1,4 @@
-"""Where runs go (a local store, DagsHub or any MLflow server), credentials kept out of sight, and the papermill runs of our notebooks.
+"""Where runs go (a local store, DagsHub or any MLflow server), credentials out of sight, papermill runs of notebooks.
 
 Docs: https://digit-recognition.github.io/digit-recognition/tracking.html.md"""
 
@@ -21,7 +21,7 @@ def redact(uri:str) -> str:
     return re.sub(r'//[^/@\s]+@', '//***@', uri)
 
 def move_credentials(uri:str) -> str:
-    "`uri` without a user and password; those go to MLFLOW_TRACKING_USERNAME/PASSWORD, for this process and its children."
+    "`uri` without user and password; those go to MLFLOW_TRACKING_USERNAME/PASSWORD, for this process and its children."
     from urllib.parse import urlsplit, unquote
     u = urlsplit(uri)
     if u.scheme not in ('http', 'https') or '@' not in u.netloc: return uri
@@ -30,7 +30,7 @@ def move_credentials(uri:str) -> str:
     os.environ['MLFLOW_TRACKING_USERNAME'] = unquote(user)
     if pw: os.environ['MLFLOW_TRACKING_PASSWORD'] = unquote(pw)
     clean = u._replace(netloc=host).geturl()
-    for k in ('MLFLOW_TRACKING_URI', env_name('mlflow', 'tracking_uri')):   # papermill kernels and workers inherit these
+    for k in ('MLFLOW_TRACKING_URI', env_name('mlflow', 'tracking_uri')):  # papermill kernels and workers inherit these
         if k == 'MLFLOW_TRACKING_URI' or k in os.environ: os.environ[k] = clean
     return clean
 
@@ -41,7 +41,8 @@ def _dagshub(s:Settings):
     if not repo: return
     if '/' not in repo: raise DigitError(f"DAGSHUB_REPO: '{repo}' (expected <owner>/<repo>)")
     token = os.environ.get('DAGSHUB_USER_TOKEN', '').strip()
-    if not token: raise DigitError("DAGSHUB_USER_TOKEN: not set (DAGSHUB_REPO is set; create a token on DagsHub and put it in .env)")
+    if not token: raise DigitError("DAGSHUB_USER_TOKEN: not set "
+                                   "(DAGSHUB_REPO is set; create a token on DagsHub and put it in .env)")
     import dagshub, dagshub.auth
     dagshub.auth.add_app_token(token)
     owner, name = repo.split('/', 1)
@@ -52,7 +53,8 @@ def _tracking_error(uri:str, e:Exception) -> DigitError:
     "A one-line error for a tracking server that failed, without credentials."
     msg = str(e)
     if any(c in msg for c in ('401', '403', 'Unauthorized', 'Forbidden', 'Permission')):
-        return DigitError(f"tracking server {redact(uri)} refused the credentials; check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        return DigitError(f"tracking server {redact(uri)} refused the credentials; "
+                          "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
     return DigitError(f"tracking server {redact(uri)} cannot be reached ({first})")
 
@@ -67,7 +69,8 @@ def connect_tracking(settings:Settings|None=None) -> str:
     "Configure MLflow from settings, `.env` and the environment; check a remote server answers. Returns the URI."
     s = settings or Settings()
     s.export_env(); _dagshub(s)
-    os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2'); os.environ.setdefault('MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR', '1')
+    os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2')
+    os.environ.setdefault('MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR', '1')
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_TIMEOUT', '30')
     uri = move_credentials(tracking_uri(s)); _init_store(uri); mlflow.set_tracking_uri(uri)
     if uri.startswith(('http://', 'https://')):
@@ -78,7 +81,8 @@ def connect_tracking(settings:Settings|None=None) -> str:
 # %% ../nbs/04_tracking.ipynb #57d97411
 def git_commit(root) -> str:
     "The project's current git commit, or 'unknown'."
-    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or 'unknown'
+    try: return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.strip() or 'unknown'
     except (OSError, subprocess.SubprocessError): return 'unknown'
 
 # %% ../nbs/04_tracking.ipynb #60e51514
@@ -91,7 +95,7 @@ def process_alive(pid:int) -> bool:
     except OSError: return True
 
 def mark_stale_runs(client, experiment_id:str) -> list:
-    "Mark this machine's RUNNING runs whose process is gone (killed with SIGKILL, power cut) as KILLED; returns their ids."
+    "Mark this machine's RUNNING runs whose process is gone (SIGKILL, power cut) as KILLED; returns their ids."
     host, stale = socket.gethostname(), []
     for r in client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.host = '{host}'"):
         pid = int(r.data.tags.get('pid') or 0)
@@ -109,7 +113,7 @@ def shipped_notebook(name:str) -> Path:
     return Path(digit_recognition.__file__).parent/'notebooks'/f'{name}.ipynb'
 
 def papermill_notebook(path):
-    "What papermill runs of `path`: title, imports and the library (no copy of its code), parameters, `papermill` cells."
+    "What papermill runs of `path`: title, imports, the library (no copy of its code), parameters, `papermill` cells."
     import copy, nbformat
     nb = nbformat.read(str(path), as_version=4)
     mod = next(c.source.split()[-1] for c in nb.cells if c.source.startswith('#| default_exp'))
@@ -124,7 +128,7 @@ def papermill_notebook(path):
     return nb
 
 def ship_notebooks(root=None):
-    "Write the papermill notebooks into the package (`make export` does), so an installed package can train and evaluate."
+    "Put the papermill notebooks into the package (`make export` does), so an installed package can train and evaluate."
     import nbformat
     root = find_root(root)
     for name, src in SHIPPED.items():
@@ -132,20 +136,20 @@ def ship_notebooks(root=None):
         atomic_write(shipped_notebook(name), lambda f: f.write(text.encode()))
 
 def run_notebook(nb, out_nb, parameters:dict, cwd, log_output:bool=True):
-    "Execute `nb` with papermill into `out_nb`, its kernel on local IPC sockets; Ctrl-C stops the notebook's cell cleanly."
+    "Run `nb` with papermill into `out_nb`, its kernel on local IPC sockets; Ctrl-C stops the notebook's cell cleanly."
     import papermill as pm, signal, tempfile, threading
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
     with tempfile.TemporaryDirectory(prefix='digit-kernel-') as d:
-        km = AsyncKernelManager(kernel_name='python3', transport='ipc', ip=f"{d}/kernel")   # no TCP port, no eavesdropping
+        km = AsyncKernelManager(kernel_name='python3', transport='ipc', ip=f"{d}/kernel")  # no TCP port, no snooping
         def on_sigint(*_):    # the kernel runs in a session of its own: hand it the interrupt, let its cell end cleanly
             if not km.has_kernel: raise KeyboardInterrupt
             os.killpg(km.provisioner.pgid, signal.SIGINT)
         main = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGINT, on_sigint) if main else None
         try:
-            return pm.execute_notebook(nb, str(out_nb), parameters=parameters, cwd=str(cwd), kernel_name='python3', km=km,
-                                       progress_bar=False, stdout_file=sys.stdout if log_output else None,
+            return pm.execute_notebook(nb, str(out_nb), parameters=parameters, cwd=str(cwd), kernel_name='python3',
+                                       km=km, progress_bar=False, stdout_file=sys.stdout if log_output else None,
                                        stderr_file=sys.stderr if log_output else None)
         except pm.PapermillExecutionError as e:
             if e.ename == 'KeyboardInterrupt': raise KeyboardInterrupt from None

@@ -62,7 +62,7 @@ def evaluate(model:nn.Module, x:torch.Tensor, y:torch.Tensor, batch_size:int=100
 
 # %% ../nbs/05_training.ipynb #ed52be7e
 def progress_bar(*args, **kwargs):
-    "A tqdm bar: a widget in Jupyter, text when `digit-train` streams a papermill run (DIGIT_TEXT_PROGRESS), sparse in a log."
+    "A tqdm bar: a widget in Jupyter, text when `digit-train` streams papermill (DIGIT_TEXT_PROGRESS), sparse in a log."
     mode = os.environ.get('DIGIT_TEXT_PROGRESS')
     if mode == 'log': kwargs.update(mininterval=10, maxinterval=60)   # a log file, not a terminal: no flood of updates
     return (tqdm.std.tqdm if mode else tqdm.auto.tqdm)(*args, **kwargs)
@@ -98,7 +98,8 @@ def make_schedule(name:str, opt, lr:float, total_steps:int, steps_per_epoch:int)
     "A per-batch learning-rate schedule by name: 'onecycle', 'cosine', 'step' (x0.7 per epoch) or 'constant'."
     S = torch.optim.lr_scheduler
     # one-cycle needs at least two steps per phase; a run of a handful of batches warms up over half of them
-    scheds = {'onecycle': lambda: S.OneCycleLR(opt, lr, total_steps=total_steps, pct_start=max(0.25, min(0.5, 2/total_steps)))
+    scheds = {'onecycle': lambda: S.OneCycleLR(opt, lr, total_steps=total_steps,
+                                               pct_start=max(0.25, min(0.5, 2/total_steps)))
                           if total_steps >= 4 else S.ConstantLR(opt, 1.0),
               'cosine': lambda: S.CosineAnnealingLR(opt, total_steps),
               'step': lambda: S.StepLR(opt, steps_per_epoch, gamma=0.7),
@@ -139,7 +140,8 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
     sched = make_schedule(p['schedule'], opt, p['lr'], p['epochs']*steps, steps)
     st = state or {'epoch': 0, 'history': [], 'best_val_accuracy': -1.0, 'best_epoch': 0}
     if state:
-        model.load_state_dict(state['model']); opt.load_state_dict(state['optimizer']); sched.load_state_dict(state['scheduler'])
+        model.load_state_dict(state['model']); opt.load_state_dict(state['optimizer'])
+        sched.load_state_dict(state['scheduler'])
     for epoch in range(st['epoch'] + 1, p['epochs'] + 1):
         if p['patience'] and epoch - st['best_epoch'] > p['patience']: break
         seed_everything(p['seed']*1000 + epoch); g = torch.Generator().manual_seed(p['seed']*1000 + epoch)
@@ -149,7 +151,8 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         secs = time.time() - t0
         va = evaluate(model, xv, yv)
         metrics = {'train_loss': tr['loss'], 'train_accuracy': tr['accuracy'], 'val_loss': va['loss'],
-                   'val_accuracy': va['accuracy'], 'lr': lr_now, 'epoch_seconds': secs, 'images_per_second': len(yt)/secs}
+                   'val_accuracy': va['accuracy'], 'lr': lr_now, 'epoch_seconds': secs,
+                   'images_per_second': len(yt)/secs}
         best = va['accuracy'] >= st['best_val_accuracy']    # ties go to the later epoch: its schedule has gone further
         if best: st.update(best_val_accuracy=va['accuracy'], best_epoch=epoch)
         st.update(epoch=epoch, history=st['history'] + [{'epoch': epoch, **metrics}])
@@ -157,7 +160,8 @@ def fit(model:nn.Module, data, out_dir, params:dict, on_epoch=None, state:dict|N
         if best: save_checkpoint(out_dir/'best.pt', model=sd, params=p, epoch=epoch, val_accuracy=va['accuracy'],
                                  dataset_version=data.version)
         save_checkpoint(out_dir/'last.pt', model=sd, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                        params=p, dataset_version=data.version, **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
+                        params=p, dataset_version=data.version,
+                        **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
         print(f"epoch {epoch}: " + ' '.join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         if on_epoch: on_epoch(metrics, epoch)
     return st
@@ -193,18 +197,19 @@ def dataset_input(data, cleaned_dir):
     return MetaDataset(src, name=f"digits-{data.version}", digest=data.version)
 
 def check_images(x) -> np.ndarray:
-    "`x` as float32 images `N x 28 x 28` with values in 0..1, or an `MlflowException` (a 400 when served) saying why not."
+    "`x` as float32 images `N x 28 x 28` with values in 0..1, or an `MlflowException` (400 when served) saying why not."
     bad = lambda msg: MlflowException.invalid_parameter_value(f"input: {msg}")
     try: a = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError): raise bad("expected numbers (a batch of 28x28 images)") from None
     if a.size == 0 or a.size % 784: raise bad(f"shape {a.shape} (expected a batch of 28x28 images, N x 28 x 28)")
     if not np.isfinite(a).all(): raise bad("has NaN or infinite values (expected grey levels from 0 to 1)")
-    if a.min() < 0 or a.max() > 1: raise bad(f"values from {a.min():g} to {a.max():g} (expected 0 to 1: divide 0-255 images by 255)")
+    if a.min() < 0 or a.max() > 1:
+        raise bad(f"values from {a.min():g} to {a.max():g} (expected 0 to 1: divide 0-255 images by 255)")
     return a.reshape(-1, 28, 28)
 
 class DigitPyfunc(mlflow.pyfunc.PythonModel):
     "The logged model: our code plus a weights-only checkpoint; probabilities for a batch of 28x28 images in 0..1."
-    _skip_type_hint_validation = True   # `check_images` checks the input; the signature is given when the model is logged
+    _skip_type_hint_validation = True   # `check_images` checks the input; logging the model gives the signature
     def load_context(self, context):
         "Build the network from the `checkpoint` artifact, weights only."
         self.net = Probabilities(model_from_checkpoint(context.artifacts['checkpoint']))
@@ -212,7 +217,8 @@ class DigitPyfunc(mlflow.pyfunc.PythonModel):
         "Class probabilities (N x 10) for `model_input`, checked by `check_images`."
         with torch.no_grad(): return self.net(torch.from_numpy(check_images(model_input))).numpy()
 
-MODEL_CODE = "from mlflow.models import set_model\nfrom digit_recognition.training import DigitPyfunc\nset_model(DigitPyfunc())\n"
+MODEL_CODE = ("from mlflow.models import set_model\nfrom digit_recognition.training import DigitPyfunc\n"
+              "set_model(DigitPyfunc())\n")
 
 def log_model(checkpoint, example:torch.Tensor):
     "Log the model in `checkpoint` as MLflow's `model`: a pyfunc from code whose weights load without pickle."
@@ -226,7 +232,8 @@ def log_model(checkpoint, example:torch.Tensor):
         return mlflow.pyfunc.log_model(name='model', python_model=str(code), artifacts={'checkpoint': str(checkpoint)},
                                        signature=infer_signature(x, y), input_example=x,
                                        code_paths=[str(Path(digit_recognition.__file__).parent)],
-                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", 'numpy'])
+                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                                         f"mlflow=={mlflow.__version__}", 'numpy'])
 
 # %% ../nbs/05_training.ipynb #1d7f4e27
 TRAIN_PARAMS = ('model', 'epochs', 'batch_size', 'lr', 'optimizer', 'schedule', 'weight_decay', 'label_smoothing',
@@ -272,7 +279,8 @@ def check_params(p:dict):
     for k in ('weight_decay', 'max_train_samples', 'patience'):
         if float(p[k]) < 0: raise DigitError(f"{k}: {p[k]} (expected 0 or more)")
     if not 0 <= int(p['seed']) < 2**32: raise DigitError(f"seed: {p['seed']} (expected 0 to {2**32 - 1})")
-    if not 0 <= float(p['label_smoothing']) < 1: raise DigitError(f"label_smoothing: {p['label_smoothing']} (expected 0 to 1)")
+    if not 0 <= float(p['label_smoothing']) < 1:
+        raise DigitError(f"label_smoothing: {p['label_smoothing']} (expected 0 to 1)")
     opt = make_optimizer(p['optimizer'], [torch.zeros(1, requires_grad=True)], 1.0)
     make_schedule(p['schedule'], opt, 1.0, 1, 1)
 
@@ -284,21 +292,24 @@ def _record_training(net, data, out, params, state, dev, s:Settings) -> dict:
                      'torch_version': torch.__version__, 'checkpoint_dir': str(out),
                      'host': socket.gethostname(), 'pid': str(os.getpid())})   # see `mark_stale_runs`
     if not resumed:
-        mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training', tags={'dataset_version': data.version})
+        mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training',
+                         tags={'dataset_version': data.version})
     st = fit(net, data, out, params, on_epoch=lambda m, e: mlflow.log_metrics(m, step=e), state=state)
-    fig = plot_curves(st['history'], f"run {mlflow.active_run().info.run_id}"); fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
+    fig = plot_curves(st['history'], f"run {mlflow.active_run().info.run_id}")
+    fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
     mlflow.log_artifact(str(out/'curves.png'))
     mlflow.log_metrics({'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch']})
     log_model(out/'best.pt', data.val[0][:1])
     return st
 
 def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
-          label_smoothing=0.1, augment=True, seed=42, device='auto', max_train_samples=0, patience=3, experiment='', run_name='',
-          resume='', run_id='', quiet=False) -> dict:
+          label_smoothing=0.1, augment=True, seed=42, device='auto', max_train_samples=0, patience=3,
+          experiment='', run_name='', resume='', run_id='', quiet=False) -> dict:
     "Train one model and record it as one MLflow run; returns `{run_id, best_val_accuracy, checkpoint, ...}`."
     s = Settings()
-    params = dict(zip(TRAIN_PARAMS, (model, int(epochs), int(batch_size), float(lr), optimizer, schedule, float(weight_decay),
-                                     float(label_smoothing), bool(augment), int(seed), device, int(max_train_samples), int(patience))))
+    params = dict(zip(TRAIN_PARAMS, (model, int(epochs), int(batch_size), float(lr), optimizer, schedule,
+                                     float(weight_decay), float(label_smoothing), bool(augment), int(seed), device,
+                                     int(max_train_samples), int(patience))))
     check_params(params); dev = get_device(device)
     results = s.path('paths', 'results_dir')
     state = None
@@ -319,12 +330,15 @@ def train(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', sch
         with run:
             try: st = _record_training(net, data, out, params, state, dev, s)
             except KeyboardInterrupt:
-                print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with resume='{rid}'", flush=True)
+                print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with resume='{rid}'",
+                      flush=True)
                 mlflow.end_run('KILLED'); raise
     except MlflowException as e:
-        raise DigitError(str(_tracking_error(uri, e)).removeprefix('error: ') + f"; the checkpoint so far is kept in {out}") from None
+        raise DigitError(str(_tracking_error(uri, e)).removeprefix('error: ')
+                         + f"; the checkpoint so far is kept in {out}") from None
     result = {'run_id': rid, 'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch'],
-              'epochs_run': st['epoch'], 'checkpoint': str(out/'best.pt'), 'tracking_uri': redact(uri), 'dataset_version': data.version}
+              'epochs_run': st['epoch'], 'checkpoint': str(out/'best.pt'), 'tracking_uri': redact(uri),
+              'dataset_version': data.version}
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
@@ -388,8 +402,8 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
     s = settings or Settings()
     params = {k: v for k, v in params.items() if k not in INTERNAL_PARAMS}
     results = s.path('paths', 'results_dir')
-    if params.get('resume'): _resume_state(params['resume'], results)     # a bad checkpoint fails here, before connecting
-    else: check_params(params)                                             # and a bad value before a run exists
+    if params.get('resume'): _resume_state(params['resume'], results)  # a bad checkpoint fails here, before connecting
+    else: check_params(params)                                          # and a bad value before a run exists
     load_cleaned(splits=('train', 'val'))                                  # a damaged dataset too
     uri = connect_tracking(s)
     client = mlflow.MlflowClient(uri)
@@ -417,7 +431,8 @@ def run_training(params:dict, parent_run_id:str='', log_output:bool=True, settin
         raise KeyboardInterrupt(f"interrupted; the last completed epoch is kept in {results/rid/'last.pt'}; "
                                 f"continue with: digit-train --resume {rid}") from None
     except pm.PapermillExecutionError as e:
-        raise fail('FAILED', e.evalue.removeprefix('error: ') if e.ename == 'DigitError' else f"{e.ename}: {e.evalue}") from None
+        raise fail('FAILED', e.evalue.removeprefix('error: ') if e.ename == 'DigitError'
+                   else f"{e.ename}: {e.evalue}") from None
     except DeadKernelError: raise fail('FAILED', "the training kernel died (out of memory?)") from None
     try: client.log_artifact(rid, str(out_nb), 'notebook')
     except MlflowException as e: raise _tracking_error(uri, e) from None
