@@ -53,9 +53,11 @@ def files(tmp_path_factory, test_split, predictor):
     on_white = lambda a, size: Image.fromarray(255 - a).resize((size, size), Image.BILINEAR)
     expect = {}
     on_white(pick(test_split, predictor, 3), 112).save(d/'three.png'); expect['three.png'] = 3
-    render_photo(pick(test_split, predictor, 7), seed=1).save(d/'seven_photo.jpg', quality=85); expect['seven_photo.jpg'] = 7
+    render_photo(pick(test_split, predictor, 7), seed=1).save(d/'seven_photo.jpg', quality=85)
+    expect['seven_photo.jpg'] = 7
     ink = pick(test_split, predictor, 2)
-    rgba = np.zeros((84, 84, 4), np.uint8); rgba[..., 3] = np.asarray(Image.fromarray(ink).resize((84, 84)))     # black ink, transparent paper
+    rgba = np.zeros((84, 84, 4), np.uint8)
+    rgba[..., 3] = np.asarray(Image.fromarray(ink).resize((84, 84)))     # black ink, transparent paper
     Image.fromarray(rgba).save(d/'two_rgba.png'); expect['two_rgba.png'] = 2
     a16 = (np.asarray(on_white(pick(test_split, predictor, 5), 56), np.uint16)*257)
     Image.fromarray(a16).save(d/'five_16bit.png'); expect['five_16bit.png'] = 5
@@ -65,7 +67,8 @@ def files(tmp_path_factory, test_split, predictor):
     (d/'empty.png').write_bytes(b''); expect['empty.png'] = 'not a readable image'
     Image.new('L', (100, 100), 230).save(d/'blank.png'); expect['blank.png'] = 'blank image (no ink found)'
     frames = [Image.fromarray(255 - pick(test_split, predictor, k)) for k in (1, 4)]
-    frames[0].save(d/'two_frames.gif', save_all=True, append_images=frames[1:]); expect['two_frames.gif'] = 'has 2 frames'
+    frames[0].save(d/'two_frames.gif', save_all=True, append_images=frames[1:])
+    expect['two_frames.gif'] = 'has 2 frames'
     return d, expect
 
 
@@ -86,13 +89,15 @@ def test_each_kind_of_file(files, predictor):
 def test_arrays_of_any_kind(predictor, test_split):
     x, y = test_split
     a = x[0]
-    for variant in (a, a.astype(np.float32)/255, np.stack([a]*3, -1), np.dstack([np.stack([a]*3, -1), np.full((28, 28), 255, np.uint8)]),
+    for variant in (a, a.astype(np.float32)/255, np.stack([a]*3, -1),
+                    np.dstack([np.stack([a]*3, -1), np.full((28, 28), 255, np.uint8)]),
                     Image.fromarray(a), np.kron(a, np.ones((5, 5), np.uint8))):
         assert predictor.predict(variant).digit == y[0]
 
 
 def test_photos_read_as_well_as_mnist(predictor, test_split):
-    "Test digits rendered as photos (dark ink on uneven paper, off-centre, rotated, blurred, JPEG) lose at most 1 point."
+    ("Test digits rendered as photos (dark ink on uneven paper, off-centre, rotated, blurred, JPEG) "
+     "lose at most 1 point.")
     from digit_recognition.images import render_photo
     x, y = test_split
     n = 600
@@ -122,12 +127,14 @@ def test_cli_formats_and_exit_codes(files, model_dir, tmp_path):
     r = run(d/'*.png', '--model', ck, '--format', 'json', '--top-k', '2')
     assert r.returncode == 1 and r.stderr.strip().startswith('error: 4 of 8 inputs could not be read')
     rows = {Path(x['source']).name: x for x in json.loads(r.stdout)}
-    assert rows['three.png']['digit'] == 3 and len(rows['three.png']['top_k']) == 2 and 'not a readable image' in rows['notes.png']['error']
+    assert (rows['three.png']['digit'] == 3 and len(rows['three.png']['top_k']) == 2
+            and 'not a readable image' in rows['notes.png']['error'])
     out = tmp_path/'out.csv'
     r = run(d, '--model', ck, '--format', 'csv', '--output', out, '--save-annotated', tmp_path/'annotated')
     assert r.returncode == 1 and r.stdout == ''
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert len(rows) == len(expect) and {x['file'] for x in rows if x['error']} == {str(d/k) for k, v in expect.items() if isinstance(v, str)}
+    assert len(rows) == len(expect) and ({x['file'] for x in rows if x['error']}
+                                         == {str(d/k) for k, v in expect.items() if isinstance(v, str)})
     ann = sorted(p.name for p in (tmp_path/'annotated').iterdir())
     assert 'three-3.png' in ann and len(ann) == sum(isinstance(v, int) for v in expect.values())
     r = run(tmp_path/'nothing-here', '--model', ck)
@@ -184,7 +191,8 @@ def display():
     "An Xvfb display for the drawing pad."
     if not shutil.which('Xvfb'): pytest.skip('Xvfb is not installed (apt-get install xvfb)')
     n = 90 + os.getpid() % 50
-    p = subprocess.Popen(['Xvfb', f':{n}', '-screen', '0', '1024x768x24', '-nolisten', 'tcp'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(['Xvfb', f':{n}', '-screen', '0', '1024x768x24', '-nolisten', 'tcp'],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
     while not Path(f'/tmp/.X11-unix/X{n}').exists():
         if time.time() > deadline or p.poll() is not None: pytest.fail('Xvfb did not start')
@@ -222,19 +230,22 @@ def test_drawing_pad(display, predictor, tmp_path, monkeypatch):
 def test_digit_client_starts_a_window(display, model_dir, tmp_path):
     if not shutil.which('xdotool'): pytest.skip('xdotool is not installed')
     env = {**os.environ, 'DISPLAY': display}
-    p = subprocess.Popen([str(BIN/'digit-client'), '--model', str(model_dir/'best.pt'), '--save-dir', str(tmp_path)], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([str(BIN/'digit-client'), '--model', str(model_dir/'best.pt'), '--save-dir', str(tmp_path)],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, wid = time.time() + 60, ''
         while not wid and time.time() < deadline and p.poll() is None:
-            wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True, text=True).stdout.split()
+            wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True,
+                                 text=True).stdout.split()
             time.sleep(0.3)
         assert wid, p.stderr.read() if p.poll() is not None else 'no window'
-        name = subprocess.run(['xdotool', 'getwindowname', wid[-1]], env=env, capture_output=True, text=True).stdout.strip()
+        name = subprocess.run(['xdotool', 'getwindowname', wid[-1]], env=env, capture_output=True,
+                              text=True).stdout.strip()
         assert name == 'digit-client: draw a digit'
     finally:
         p.terminate(); p.wait(10)
-    r = subprocess.run([str(BIN/'digit-client')], cwd=ROOT, env={**os.environ, 'DISPLAY': ':9999'}, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([str(BIN/'digit-client')], cwd=ROOT, env={**os.environ, 'DISPLAY': ':9999'},
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().startswith('error: no display for the drawing pad')
 
 
@@ -275,13 +286,15 @@ with mlflow.start_run() as run:
 v = mlflow.register_model(info.model_uri, 'digit-recognizer')
 mlflow.MlflowClient().set_registered_model_alias('digit-recognizer', 'champion', v.version)
 """
-    env = {**os.environ, 'MLFLOW_TRACKING_URI': uri, 'PATH': f"{BIN}:{os.environ['PATH']}"}   # serve starts uvicorn from PATH
+    env = {**os.environ, 'MLFLOW_TRACKING_URI': uri,
+           'PATH': f"{BIN}:{os.environ['PATH']}"}                       # serve starts uvicorn from PATH
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD', 'MLFLOW_REGISTRY_URI'): env.pop(k, None)
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, check=True, capture_output=True)
     port = free_port()
     log = open(d/'serve.log', 'w')
-    p = subprocess.Popen([str(BIN/'mlflow'), 'models', 'serve', '-m', 'models:/digit-recognizer@champion', '--env-manager', 'local',
-                          '-h', '127.0.0.1', '-p', str(port)], cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.Popen([str(BIN/'mlflow'), 'models', 'serve', '-m', 'models:/digit-recognizer@champion',
+                          '--env-manager', 'local', '-h', '127.0.0.1', '-p', str(port)],
+                         cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/ping", p, d/'serve.log')
     yield url, env

@@ -31,14 +31,14 @@ def test_mnist_dir_builds_then_reuses(tmp_path, run_cli, mnist_dir):
     r2 = run_cli('digit-data', env=env, check=0)
     assert 'trying' not in r2.stdout and m['version'] in r2.stdout
     assert before == {p.name: p.stat().st_mtime_ns for p in [*raw.iterdir(), *(tmp_path/'clean').iterdir()]}
-    r3 = run_cli('digit-data', '--val-size', '0.2', env=env, check=0)
+    run_cli('digit-data', '--val-size', '0.2', env=env, check=0)
     m3 = json.loads((tmp_path/'clean'/'manifest.json').read_text())
     assert m3['splits']['val']['count'] == 12000 and m3['version'] != m['version']
 
 
 def test_package_index_route_gives_the_same_version(tmp_path, run_cli, mnist_dir):
     "With no MNIST_DIR, torchvision's download fails here and the package index supplies the same bytes."
-    a = run_cli('digit-data', env=tmp_env(tmp_path/'a', MNIST_DIR=str(mnist_dir)), check=0)
+    run_cli('digit-data', env=tmp_env(tmp_path/'a', MNIST_DIR=str(mnist_dir)), check=0)
     b = run_cli('digit-data', env=tmp_env(tmp_path/'b', MNIST_DIR=None), check=0)
     assert 'via package-index' in b.stdout or 'via torchvision' in b.stdout
     va, vb = (json.loads((tmp_path/k/'clean'/'manifest.json').read_text())['version'] for k in 'ab')
@@ -48,7 +48,8 @@ def test_package_index_route_gives_the_same_version(tmp_path, run_cli, mnist_dir
 @pytest.mark.parametrize('damage, words', [
     (lambda b: b[:-8], ['t10k-labels-idx1-ubyte', '10000 bytes (expected 10008)']),
     (lambda b: b'\x00\x00\x08\x03' + b[4:], ['t10k-labels-idx1-ubyte', 'magic number 2051 (expected 2049)']),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), ['t10k-labels-idx1-ubyte', 'md5', 'expected 27ae3e4e09519cfbb04c329615203637']),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]),
+     ['t10k-labels-idx1-ubyte', 'md5', 'expected 27ae3e4e09519cfbb04c329615203637']),
 ])
 def test_bad_mnist_files_are_one_line_errors_and_write_nothing(tmp_path, run_cli, mnist_dir, damage, words):
     src = tmp_path/'src'; shutil.copytree(mnist_dir, src, ignore=shutil.ignore_patterns('*.json', '.*'))
@@ -104,8 +105,10 @@ def test_image_folder(tmp_path, run_cli, mnist_dir):
     assert removed['0/blank.png'] == 'blank'
     assert 'duplicate' in removed.values() and list(removed.values()).count('conflicting_labels') == 2
     total = sum(v['count'] for v in m['splits'].values())
-    assert total == 50 + 6 - 4   # 50 digits + photo, drawn, 16-bit, blank, copy, mislabelled; minus blank, copy, the conflicting pair
-    with np.load(tmp_path/'clean'/'train.npz') as z: assert z['images'].shape[1:] == (28, 28) and z['images'].dtype == np.uint8
+    # 50 digits + photo, drawn, 16-bit, blank, copy, mislabelled; minus blank, copy, the conflicting pair
+    assert total == 50 + 6 - 4
+    with np.load(tmp_path/'clean'/'train.npz') as z:
+        assert z['images'].shape[1:] == (28, 28) and z['images'].dtype == np.uint8
 
 
 def test_image_folder_validation_share(tmp_path, run_cli, mnist_dir):
@@ -123,7 +126,8 @@ def test_image_folder_validation_share(tmp_path, run_cli, mnist_dir):
 
 def test_image_folder_train_test_layout_drops_leaks(tmp_path, run_cli, mnist_dir):
     root = tmp_path/'mine'; make_images(root/'train', mnist_dir)
-    shutil.copytree(root/'train', root/'test', ignore=shutil.ignore_patterns('[0-9]*.png'))   # test shares photo/drawn/...
+    # test shares photo/drawn/...
+    shutil.copytree(root/'train', root/'test', ignore=shutil.ignore_patterns('[0-9]*.png'))
     for c in range(10): shutil.copy(sorted((root/'train'/str(c)).glob('[0-9]*.png'))[0], root/'test'/str(c)/'t.png')
     run_cli('digit-data', '--images', root, '--val-size', '2', env=tmp_env(tmp_path), check=0)
     m = json.loads((tmp_path/'clean'/'manifest.json').read_text())
