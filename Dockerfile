@@ -12,19 +12,18 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # PyTorch's CPU wheels keep the image small (the default wheels bundle CUDA); the same step as `make setup TORCH_INDEX=...`.
 RUN python -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md settings.ini ./
+COPY pyproject.toml README.md settings.ini constraints.txt ./
 COPY digit_recognition/ digit_recognition/
-RUN python -m pip install --quiet .
+RUN python -m pip install --quiet -c constraints.txt .
 
-# --- runtime: the virtual environment, the notebooks papermill runs, and a non-root user ---------------------
+# --- runtime: the virtual environment (the package carries the notebooks papermill runs) and a non-root user ----
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg \
     MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db
 RUN useradd --create-home --uid 1000 digits
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
-COPY --chown=digits:digits settings.ini pyproject.toml ./
-COPY --chown=digits:digits nbs/ nbs/
+COPY --chown=digits:digits settings.ini ./
 COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/digit-entrypoint
 RUN mkdir -p data dataset_cleaned training_results runs && chown -R digits:digits /app
 USER digits

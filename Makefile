@@ -7,8 +7,13 @@ BIN    := $(VENV)/bin
 TORCH_INDEX ?=
 # Extra pytest arguments, e.g. PYTEST_ARGS="-x -k client".
 PYTEST_ARGS ?=
+# pytest on two workers where pytest-xdist is installed (the tests on the MLflow server stay on one: tests/conftest.py).
+XDIST = $(shell $(BIN)/python -c 'import xdist' 2>/dev/null && echo '-n 2')
+# The notebooks' tests, two at a time; mlruns/ folders (MLflow artifacts, which hold copies of notebooks) are not sources.
+NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)'
 
-.PHONY: help setup lock data train evaluate sweep pipeline predict client test test-notebooks test-pytest lab ui bench bench-client export readme
+.PHONY: help setup lock data train evaluate sweep pipeline predict client lab ui bench bench-client export readme
+.PHONY: test test-fast test-notebooks test-pytest test-notebooks-fast test-pytest-fast
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -47,13 +52,25 @@ predict: setup  ## read digits from image files with the champion: make predict 
 client: setup  ## the drawing pad (needs a display)
 	$(BIN)/digit-client
 
-test: setup data test-notebooks test-pytest  ## every test: the notebooks (nbdev-test), then pytest
+# `test` and `test-fast` run the notebooks beside pytest (-j2): most of a test's time is one process importing
+# libraries, so the two share the cores; -Oline keeps each output line whole.
+test: setup data  ## every test, what CI runs (about 10 minutes): all notebook cells, all of pytest
+	$(MAKE) --no-print-directory -j2 -Oline test-notebooks test-pytest
 
-test-notebooks: setup
-	$(BIN)/nbdev-test --n-workers 2
+test-fast: setup data  ## while working (under 3 minutes): notebook cells not flagged `#| slow`, pytest -m "not slow"
+	$(MAKE) --no-print-directory -j2 -Oline test-notebooks-fast test-pytest-fast
 
-test-pytest: setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+test-notebooks-fast: setup
+	$(NBDEV_TEST)
+
+test-pytest-fast: setup
+	$(BIN)/pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
+
+test-notebooks: setup  ## every notebook cell, `#| slow` ones included (nbdev-test --flags slow)
+	$(NBDEV_TEST) --flags slow
+
+test-pytest: setup  ## every pytest test, slow ones included; lists the 15 slowest
+	$(BIN)/pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 lab: setup  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab nbs

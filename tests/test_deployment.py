@@ -1,7 +1,6 @@
 """What lets another person deploy and trust the project: the Dockerfile (parsed by Docker's own parser), the
 workflows (actionlint), DEPLOYMENT.md's commands (run for real in a copy of the project) and the documentation."""
-import json, os, re, shutil, subprocess, sys
-from pathlib import Path
+import json, os, re, shutil, subprocess
 import pytest
 from conftest import ROOT, BIN
 
@@ -34,9 +33,11 @@ def test_dockerfile():
     # The install steps are make setup's, with PyTorch's CPU index.
     runs = [i.value[0] for i in ins if i.cmd == 'RUN']
     make = (ROOT/'Makefile').read_text()
-    torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet torch torchvision --index-url) \$\(TORCH_INDEX\)', make).group(1)
+    torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet torch torchvision --index-url) \$\(TORCH_INDEX\)',
+                           make).group(1)
     assert f"{torch_line} https://download.pytorch.org/whl/cpu" in runs
-    assert 'python -m pip install --quiet .' in runs and '$(BIN)/python -m pip install --quiet -e' in make
+    assert 'python -m pip install --quiet -c constraints.txt .' in runs
+    assert '$(BIN)/python -m pip install --quiet -c constraints.txt -e' in make
     ignore = (ROOT/'.dockerignore').read_text().split()
     assert {'.env', '.venv', 'data/', 'dataset_cleaned/', 'training_results/', 'mlflow.db', 'mlruns/'} <= set(ignore)
     # The entrypoint script is the project's CLI.
@@ -46,7 +47,8 @@ def test_dockerfile():
     assert r.returncode == 0 and 'digit-pipeline' in r.stdout
     r = subprocess.run(['sh', str(ep), 'rm', '-rf', '/'], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown command 'rm'")
-    r = subprocess.run(['sh', str(ep), 'digit-predict', '--help'], capture_output=True, text=True, env={**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}"})
+    r = subprocess.run(['sh', str(ep), 'digit-predict', '--help'], capture_output=True, text=True,
+                       env={**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}"})
     assert r.returncode == 0 and '--server' in r.stdout
 
 
@@ -57,9 +59,11 @@ def test_workflows_pass_actionlint():
     r = subprocess.run([str(BIN/'actionlint'), *map(str, files)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     t = (wf/'python-tests.yml').read_text()
-    assert 'make setup' in t and 'make test' in t and 'cache: pip' in t and 'if: failure()' in t and 'upload-artifact' in t
+    assert 'make setup' in t and 'make test' in t and 'cache: pip' in t
+    assert 'if: failure()' in t and 'upload-artifact' in t
     d = (wf/'docker-build.yml').read_text()
-    assert 'setup-buildx-action' in d and '${{ github.sha }}' in d and ':latest' in d and 'secrets.REGISTRY_PASSWORD' in d
+    assert 'setup-buildx-action' in d and '${{ github.sha }}' in d and ':latest' in d
+    assert 'secrets.REGISTRY_PASSWORD' in d
     assert "github.ref == 'refs/heads/main'" in d and 'pull_request' in d
     docs = (wf/'docs.yml').read_text()
     assert 'quarto-dev/quarto-actions/setup' in docs and 'nbdev-docs' in docs and 'deploy-pages' in docs
@@ -81,11 +85,13 @@ def test_deployment_guide_is_bilingual():
     assert len(marked_blocks(text)) >= 5
 
 
+@pytest.mark.slow
 def test_deployment_commands(tmp_path):
     "Every testable block of DEPLOYMENT.md, in order, in a fresh copy of the project with its own store and data."
     text = (ROOT/'DEPLOYMENT.md').read_text()
     proj = tmp_path/'project'
-    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
     for f in files:
         if (ROOT/f).is_file(): (proj/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, proj/f)
     (proj/'.venv').symlink_to(BIN.parent)
@@ -96,10 +102,12 @@ def test_deployment_commands(tmp_path):
         from digit_recognition.data import raw_dir
         env['MNIST_DIR'] = str(raw_dir(Settings().path('paths', 'data_dir')))
     for i, block in enumerate(marked_blocks(text)):
-        r = subprocess.run(['bash', '-euo', 'pipefail', '-c', block], cwd=proj, env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(['bash', '-euo', 'pipefail', '-c', block], cwd=proj, env=env, capture_output=True, text=True,
+                           timeout=900)
         assert r.returncode == 0, f"block {i}:\n{block}\n--- stdout\n{r.stdout[-2000:]}\n--- stderr\n{r.stderr[-2000:]}"
     assert (proj/'mlflow.db').is_file() and (proj/'dataset_cleaned'/'manifest.json').is_file()
-    assert (proj/'predictions.csv').read_text().startswith('file,digit,confidence') and any((proj/'annotated').iterdir())
+    assert (proj/'predictions.csv').read_text().startswith('file,digit,confidence')
+    assert any((proj/'annotated').iterdir())
 
 
 # The documentation site: Quarto cannot be installed here, so check what can be checked without it.
@@ -107,7 +115,8 @@ NOTEBOOKS = sorted((ROOT/'nbs').glob('*.ipynb'))
 
 
 def test_readme_is_regenerated_from_index(tmp_path):
-    r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', '--to', 'markdown', str(ROOT/'nbs'/'index.ipynb'), '--output-dir', str(tmp_path),
+    r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', '--to', 'markdown', str(ROOT/'nbs'/'index.ipynb'),
+                        '--output-dir', str(tmp_path),
                         '--output', 'README', '--log-level', 'WARN'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), "README.md is stale: run `make readme`"

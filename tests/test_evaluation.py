@@ -1,10 +1,12 @@
 """`digit-evaluate` and `digit-pipeline`: the evaluation files, the gate's exit codes, and the registry's decisions,
-against the local sqlite store and once against the real MLflow server with login."""
+against the local sqlite store and once against the real MLflow server with login (on the session's tiny run there).
+Every test here runs papermill kernels: all are marked slow."""
 import json, os, re
-from pathlib import Path
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, together
+
+pytestmark = pytest.mark.slow
 
 RUN = re.compile(r'^run ([0-9a-f]{32}):', re.M)
 # Three tiny models whose test accuracies are ordered: weak < mid < strong.
@@ -14,14 +16,14 @@ RECIPES = {'weak': ['--epochs', '1', '--max-train-samples', '200', '--lr', '0.00
 
 
 @pytest.fixture(scope='module')
-def local(tmp_path_factory, run_cli):
-    "A throwaway local store (sqlite) and results folder, with the three tiny models trained into it."
-    run_cli('digit-data', check=0)
+def local(tmp_path_factory, run_cli, data_ready):
+    "A throwaway local store (sqlite) and results folder, with the three tiny models trained into it (all at once)."
     d = tmp_path_factory.mktemp('local')
     env = {'MLFLOW_TRACKING_URI': f"sqlite:///{d/'mlflow.db'}", 'DIGIT_PATHS_RESULTS_DIR': str(d/'results'),
            'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}
-    runs = {k: RUN.search(run_cli('digit-train', *a, '--run-name', k, '--quiet', env=env, check=0).stdout).group(1)
-            for k, a in RECIPES.items()}
+    train = lambda k: lambda: run_cli('digit-train', *RECIPES[k], '--run-name', k, '--quiet', env=env, check=0)
+    done = together(*map(train, RECIPES))
+    runs = {k: RUN.search(r.stdout).group(1) for k, r in zip(RECIPES, done)}
     return env, runs, d
 
 
@@ -64,14 +66,16 @@ def test_registry_decisions(local, run_cli):
     run = c.get_run(runs['mid'])
     assert run.data.metrics['test_accuracy'] == pytest.approx(m['metrics']['accuracy'])
     assert {'test_macro_f1', 'test_weighted_f1', 'test_ece', 'test_images_per_second'} <= set(run.data.metrics)
-    assert {a.path for a in c.list_artifacts(runs['mid'], 'evaluation')} >= {'evaluation/metrics.json', 'evaluation/reliability.png'}
+    assert {a.path for a in c.list_artifacts(runs['mid'], 'evaluation')} >= {'evaluation/metrics.json',
+                                                                             'evaluation/reliability.png'}
 
     # The first model that passes becomes champion (and challenger).
     r = run_cli('digit-evaluate', runs['mid'], '--min-accuracy', '0.2', '--quiet', env=env, check=0)
     assert 'version 1: champion (no champion yet' in r.stdout
     v = versions(c)[1]
     assert set(v.aliases) == {'champion', 'challenger'} and v.run_id == runs['mid']
-    assert v.tags['dataset_version'] == manifest['version'] and float(v.tags['test_accuracy']) == pytest.approx(m['metrics']['accuracy'], abs=1e-6)
+    assert v.tags['dataset_version'] == manifest['version']
+    assert float(v.tags['test_accuracy']) == pytest.approx(m['metrics']['accuracy'], abs=1e-6)
     # A worse one is only challenger; the champion stays.
     r = run_cli('digit-evaluate', runs['weak'], '--min-accuracy', '0.05', '--quiet', env=env, check=0)
     assert 'version 2: challenger' in r.stdout and 'champion kept' in r.stdout
@@ -97,17 +101,19 @@ def test_no_register_and_bad_model(local, run_cli):
     env, runs, d = local
     c = client_for(env['MLFLOW_TRACKING_URI'])
     before = len(versions(c))
-    r = run_cli('digit-evaluate', d/'results'/runs['weak']/'best.pt', '--min-accuracy', '0', '--no-register', '--quiet', env=env, check=0)
+    r = run_cli('digit-evaluate', d/'results'/runs['weak']/'best.pt', '--min-accuracy', '0', '--no-register', '--quiet',
+                env=env, check=0)
     assert 'registry' not in r.stdout and len(versions(c)) == before
     r = run_cli('digit-evaluate', 'no-such-model', env=env, check=1)
-    assert r.stderr.strip() == "error: model: 'no-such-model' is not a run id, a runs:/ or models:/ URI, or a checkpoint file"
+    assert r.stderr.strip() == ("error: model: 'no-such-model' is not a run id, a runs:/ or models:/ URI, "
+                                "or a checkpoint file")
     r = run_cli('digit-evaluate', 'models:/no-such-model@champion', env=env, check=1)
     assert r.stderr.strip().startswith('error: model: cannot find models:/no-such-model@champion')
 
 
-def test_pipeline_reuses_current_stages(tmp_path, run_cli):
-    run_cli('digit-data', check=0)
-    env = {'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'mlflow.db'}", 'DIGIT_PATHS_RESULTS_DIR': str(tmp_path/'results'),
+def test_pipeline_reuses_current_stages(tmp_path, run_cli, data_ready):
+    env = {'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'mlflow.db'}",
+           'DIGIT_PATHS_RESULTS_DIR': str(tmp_path/'results'),
            'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}
     args = [*RECIPES['mid'], '--min-accuracy', '0.2']
     first = run_cli('digit-pipeline', *args, env=env, check=0).stdout
@@ -122,20 +128,22 @@ def test_pipeline_reuses_current_stages(tmp_path, run_cli):
     assert 'not registered' in failed.stdout and failed.stderr.strip().endswith('is below the minimum 0.9999')
 
 
-def test_registry_on_the_login_server(mlflow_server, tmp_path, run_cli):
+def test_registry_on_the_login_server(mlflow_server, server_run, run_cli):
+    "The session's tiny run on the login server (conftest.server_run) is evaluated and registered there."
     uri, user, pw = mlflow_server
-    run_cli('digit-data', check=0)
+    rid, results, _ = server_run
     env = {'MLFLOW_TRACKING_URI': uri, 'MLFLOW_TRACKING_USERNAME': user, 'MLFLOW_TRACKING_PASSWORD': pw,
-           'DIGIT_PATHS_RESULTS_DIR': str(tmp_path/'results')}
-    rid = RUN.search(run_cli('digit-train', *RECIPES['mid'], '--quiet', env=env, check=0).stdout).group(1)
+           'DIGIT_PATHS_RESULTS_DIR': str(results)}
     name = 'digit-recognizer-auth-test'
-    r = run_cli('digit-evaluate', rid, '--min-accuracy', '0.2', '--quiet', env={**env, 'DIGIT_MLFLOW_REGISTERED_MODEL': name}, check=0)
+    r = run_cli('digit-evaluate', rid, '--min-accuracy', '0.2', '--quiet',
+                env={**env, 'DIGIT_MLFLOW_REGISTERED_MODEL': name}, check=0)
     assert 'champion' in r.stdout and pw not in r.stdout + r.stderr
-    import os, mlflow
+    import os
     os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
     c = client_for(uri)
     v = c.get_model_version_by_alias(name, 'champion')
     assert v.run_id == rid and v.tags['decision'] == 'champion'
     assert 'test_accuracy' in c.get_run(rid).data.metrics
     r = run_cli('digit-evaluate', rid, '--quiet', env={**env, 'MLFLOW_TRACKING_PASSWORD': 'wrong'}, check=1)
-    assert r.stderr.strip().splitlines()[-1].startswith('error: tracking server') and 'refused the credentials' in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith('error: tracking server')
+    assert 'refused the credentials' in r.stderr

@@ -1,15 +1,17 @@
 """Loading a registered model never runs pickle (issue 10): the logged model is a weights-only checkpoint, a model
 logged before that change (a pickled module) is read by torch's weights-only unpickler, and a file that would need
 real pickle is refused by `DigitPredictor.load`, `digit-predict` and `digit-evaluate` without running its payload.
-Also: `digit-evaluate` on a checkpoint outside the project writes nothing beside it."""
+Also: `digit-evaluate` on a checkpoint outside the project writes nothing beside it.
+Each test starts a dozen processes and papermill evaluations: all are marked slow."""
 import json, os, shutil
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import together
 
 NAME = 'digit-recognizer'
+pytestmark = pytest.mark.slow
 
 
 class Evil:
@@ -32,21 +34,9 @@ def one_line(stderr:str) -> str:
 
 
 @pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory, run_cli):
-    "A small checkpoint (one epoch on 2,000 images: seconds); beside it 64 test images (images.npy) and digit.png."
-    run_cli('digit-data', check=0)
-    from digit_recognition.data import load_cleaned
-    from digit_recognition.model import get_model
-    from digit_recognition.training import fit
-    d = tmp_path_factory.mktemp('checkpoint')
-    p = dict(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
-             label_smoothing=0.1, augment=False, seed=42, device='cpu', max_train_samples=2000, patience=0)
-    torch.manual_seed(42)
-    fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
-    x = load_cleaned(splits=('test',)).test[0]
-    np.save(d/'images.npy', x[:64].squeeze(1).numpy())
-    Image.fromarray(x[0, 0].numpy()).save(d/'digit.png')
-    return d/'best.pt'
+def checkpoint(checkpoint_dir):
+    "The session's small checkpoint (conftest.checkpoint_dir); beside it 64 test images (images.npy) and digit.png."
+    return checkpoint_dir/'best.pt'
 
 
 LOG = """
@@ -111,12 +101,16 @@ def checkpoint_probabilities(checkpoint):
 
 def refused(run_cli, env, uri, checkpoint, what):
     "`DigitPredictor.load`, `digit-predict` and `digit-evaluate` each refuse `uri` with one line about `what`."
-    error = load(run_cli, env, uri, checkpoint.parent/'images.npy').get('error', '')
+    loaded, predicted, evaluated = together(                 # three independent processes, at the same time
+        lambda: load(run_cli, env, uri, checkpoint.parent/'images.npy'),
+        lambda: run_cli('digit-predict', '--model', uri, checkpoint.parent/'digit.png', env=env, check=1),
+        lambda: run_cli('digit-evaluate', uri, '--no-register', env=env, check=1))
+    error = loaded.get('error', '')
     assert error.startswith(f"error: model: {uri}: {what} is not a plain weights file"), error
     assert 'it would need pickle to load' in error and '\n' not in error
-    r = run_cli('digit-predict', '--model', uri, checkpoint.parent/'digit.png', env=env, check=1)
+    r = predicted
     assert one_line(r.stderr) == error and r.stdout == ''
-    r = run_cli('digit-evaluate', uri, '--no-register', env=env, check=1)
+    r = evaluated
     line = one_line(r.stderr)
     assert line.startswith(f"error: model: {uri}: {what} is not a plain weights file"), line
     assert 'it would need pickle to load' in line
@@ -129,10 +123,12 @@ def test_registered_model_is_weights_only_and_a_poisoned_one_is_refused(store, c
     assert (files/'artifacts'/'best.pt').is_file()
     assert not [p for p in files.rglob('*') if p.suffix in ('.pkl', '.pickle', '.pth')]
     # (a) it loads, and reads images as the checkpoint does.
-    r = load(run_cli, env, uri, checkpoint.parent/'images.npy')
+    r, predicted = together(lambda: load(run_cli, env, uri, checkpoint.parent/'images.npy'),
+                            lambda: run_cli('digit-predict', '--model', uri, checkpoint.parent/'digit.png',
+                                            '--format', 'json', env=env, check=0))
     assert r.get('model') == 'Probabilities', r
     np.testing.assert_allclose(r['probabilities'], checkpoint_probabilities(checkpoint), atol=1e-6)
-    r = run_cli('digit-predict', '--model', uri, checkpoint.parent/'digit.png', '--format', 'json', env=env, check=0)
+    r = predicted
     assert json.loads(r.stdout)[0]['digit'] in range(10)
     # (b) its checkpoint replaced by a pickle that runs a command: refused everywhere, and the command never runs.
     marker = d/'MARKER-champion'
@@ -151,10 +147,12 @@ def test_models_registered_before_the_change_still_load_weights_only(store, chec
     uri, files = f'models:/{NAME}@legacy', models['legacy']['dir']
     assert (files/'data'/'model.pth').is_file()
     # (c) it loads (our layer classes only, no pickle), reads images as the checkpoint does, and evaluates.
-    r = load(run_cli, env, uri, checkpoint.parent/'images.npy')
+    r, evaluated = together(lambda: load(run_cli, env, uri, checkpoint.parent/'images.npy'),
+                            lambda: run_cli('digit-evaluate', uri, '--no-register', '--min-accuracy', '0', '--quiet',
+                                            env=env))
     assert r.get('model') == 'Probabilities', r
     np.testing.assert_allclose(r['probabilities'], checkpoint_probabilities(checkpoint), atol=1e-6)
-    r = run_cli('digit-evaluate', uri, '--no-register', '--min-accuracy', '0', '--quiet', env=env)
+    r = evaluated
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((d/'results'/models['legacy']['run_id']/'evaluation'/'metrics.json').read_text())
     assert m['model'] == uri and m['metrics']['accuracy'] > 0.5

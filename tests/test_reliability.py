@@ -1,16 +1,10 @@
 """Faults that must end in one clear line, or not happen at all: parallel first runs on a new SQLite store, Ctrl-C,
 a damaged dataset or an impossible parameter (caught before a run exists), a wrong `--resume`."""
 import os, shutil, signal, subprocess, sys, time
-from pathlib import Path
 import pytest
-from conftest import ROOT, BIN
+from conftest import ROOT, BIN, together
 
 TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100']
-
-
-@pytest.fixture(scope='module')
-def data_ready(run_cli):
-    run_cli('digit-data', check=0)
 
 
 def local_env(d):
@@ -26,28 +20,36 @@ def runs_in(d):
 
 def test_parallel_first_runs_on_a_new_store(tmp_path):
     "Three processes open a store that does not exist yet, at the same moment: all succeed, each with its run."
-    code = ("import sys, time; from digit_recognition.tracking import connect_tracking; import mlflow\n"
-            "time.sleep(max(0, float(sys.argv[1]) - time.time()))\n"
+    code = ("import sys, time; from pathlib import Path\n"
+            "from digit_recognition.tracking import connect_tracking; import mlflow\n"
+            "Path(sys.argv[1]).touch()\n"                                    # imported: ready
+            "while not Path(sys.argv[2]).exists(): time.sleep(0.005)\n"      # then wait for the start
             "connect_tracking(); mlflow.set_experiment('digit-recognition')\n"
             "with mlflow.start_run(): mlflow.log_metric('x', 1)\n")
     env = {**os.environ, 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'mlflow.db'}"}
-    start = time.time() + 15                                   # after every process has imported the library
-    ps = [subprocess.Popen([sys.executable, '-c', code, str(start)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    ready, go = [tmp_path/f'ready-{i}' for i in range(3)], tmp_path/'go'
+    ps = [subprocess.Popen([sys.executable, '-c', code, r, go], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.time() + 300
+    while not all(r.exists() for r in ready) and all(p.poll() is None for p in ps) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()                                                 # every process has imported the library: start
     outs = [p.communicate(timeout=300) for p in ps]
     assert [p.returncode for p in ps] == [0, 0, 0], outs
     assert not any('Traceback' in err for _, err in outs)
     assert len(runs_in(tmp_path)) == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line(tmp_path, data_ready):
     "Ctrl-C in a terminal (SIGINT to the foreground process group) during training: one line, exit 130, run KILLED."
     env = {**os.environ, **{k: v for k, v in local_env(tmp_path).items() if v}}
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
-    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '3', '--max-train-samples', '20000'], cwd=ROOT, env=env,
+    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '8000'], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not list((tmp_path/'results').glob('*/last.pt')) and time.time() < deadline and p.poll() is None: time.sleep(0.2)
+    while not list((tmp_path/'results').glob('*/last.pt')) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
     time.sleep(1)
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
@@ -59,6 +61,7 @@ def test_ctrl_c_is_one_line(tmp_path, data_ready):
     assert run.info.run_id == rid and run.info.status == 'KILLED'
 
 
+@pytest.mark.slow            # five processes of `digit-train`: no kernel, but half a minute of one core all the same
 def test_damaged_dataset_and_bad_values_fail_before_a_run(tmp_path, run_cli, data_ready):
     cleaned = tmp_path/'cleaned'; shutil.copytree(ROOT/'dataset_cleaned', cleaned)
     f = cleaned/'val.npz'; b = bytearray(f.read_bytes()); b[len(b)//2] ^= 0xFF; f.write_bytes(bytes(b))
@@ -67,26 +70,33 @@ def test_damaged_dataset_and_bad_values_fail_before_a_run(tmp_path, run_cli, dat
     r = run_cli('digit-train', *TINY, env=env, check=1)
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {f}: sha256") and 'Traceback' not in r.stderr
     assert time.time() - t0 < 30                               # no papermill run was started to find out
-    for flag, value, msg in [('--lr', 'nan', 'lr: nan (expected a finite number)'),
-                             ('--weight-decay', 'inf', 'weight_decay: inf (expected a finite number)'),
-                             ('--lr', '-1', 'lr: -1.0 (expected above 0'), ('--seed', '-5', 'seed: -5')]:
-        r = run_cli('digit-train', *TINY, flag, value, env=local_env(tmp_path), check=1)
+    bad = [('--lr', 'nan', 'lr: nan (expected a finite number)'),
+           ('--weight-decay', 'inf', 'weight_decay: inf (expected a finite number)'),
+           ('--lr', '-1', 'lr: -1.0 (expected above 0'), ('--seed', '-5', 'seed: -5')]
+    refused = together(*[lambda f=flag, v=value: run_cli('digit-train', *TINY, f, v, env=local_env(tmp_path), check=1)
+                         for flag, value, _ in bad])
+    for (flag, value, msg), r in zip(bad, refused):
         assert r.stderr.strip().splitlines()[-1].startswith(f"error: {msg}"), r.stderr
     assert runs_in(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_resume_says_what_it_took_the_argument_for(tmp_path, run_cli, data_ready):
     env = local_env(tmp_path)
     notes = tmp_path/'notes.pt'; notes.write_text('not a checkpoint')
-    r = run_cli('digit-train', '--resume', notes, env=env, check=1)
+    r, trained = together(lambda: run_cli('digit-train', '--resume', notes, env=env, check=1),
+                          lambda: run_cli('digit-train', *TINY, '--quiet', env=env, check=0))
     assert r.stderr.strip() == (f"error: resume: '{notes}' was taken for the checkpoint {notes}, "
                                 "but not a readable checkpoint (UnpicklingError)")
-    rid = run_cli('digit-train', *TINY, '--quiet', env=env, check=0).stdout.split()[1].rstrip(':')
+    rid = trained.stdout.split()[1].rstrip(':')
     other = tmp_path/'elsewhere'
-    r = run_cli('digit-train', '--resume', tmp_path/'results'/rid, env={**env, 'MLFLOW_TRACKING_URI': f"sqlite:///{other}.db"},
-                check=1)
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: resume: '{tmp_path/'results'/rid}' is a checkpoint of run {rid}, "
-                                       "which the tracking server") and 'Traceback' not in r.stderr
-    r = run_cli('digit-train', '--resume', rid, '--epochs', '4', '--lr', '0.5', env=env, check=1)
-    assert r.stderr.strip().splitlines()[-1] == ("error: resume: --epochs 4 (the run has 1), --lr 0.5 (the run has 0.02): a resumed run "
-                                "continues as it was planned; leave these out, or start a new run to change them")
+    r, r2 = together(lambda: run_cli('digit-train', '--resume', tmp_path/'results'/rid, check=1,
+                                     env={**env, 'MLFLOW_TRACKING_URI': f"sqlite:///{other}.db"}),
+                     lambda: run_cli('digit-train', '--resume', rid, '--epochs', '4', '--lr', '0.5', env=env, check=1))
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: resume: '{tmp_path/'results'/rid}' is a checkpoint of run {rid}, which the tracking server")
+    assert 'Traceback' not in r.stderr
+    r = r2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: resume: --epochs 4 (the run has 1), --lr 0.5 (the run has 0.02): a resumed run "
+        "continues as it was planned; leave these out, or start a new run to change them")

@@ -2,15 +2,18 @@
 not in training_results/ or the executed notebooks, not on the tracking server (artifacts, backend store, log)."""
 import json, os, shutil, subprocess
 from pathlib import Path
-from conftest import ROOT, BIN
+import pytest
+from conftest import ROOT, BIN, together
 
 TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--no-augment']
 
 
 def run_in(cwd, cmd, *args, env):
     e = {k: v for k, v in os.environ.items()
-         if k not in ('MLFLOW_TRACKING_URI', 'MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD', 'MLFLOW_REGISTRY_URI')}
-    r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=cwd, env={**e, **env}, capture_output=True, text=True, timeout=900)
+         if k not in ('MLFLOW_TRACKING_URI', 'MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD',
+                      'MLFLOW_REGISTRY_URI')}
+    r = subprocess.run([str(BIN/cmd), *map(str, args)], cwd=cwd, env={**e, **env}, capture_output=True, text=True,
+                       timeout=900)
     assert r.returncode == 0, f"{cmd} exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     return r.stdout + r.stderr
 
@@ -22,10 +25,11 @@ def files_holding(secret:str, *folders) -> list:
     return [f for f in files if secret.encode() in f.read_bytes()]
 
 
-def test_credentials_in_the_uri_never_leak(mlflow_server, tmp_path, run_cli):
+@pytest.mark.slow
+def test_credentials_in_the_uri_never_leak(mlflow_server, tmp_path, data_ready):
+    "The three commands are independent (each its own run; one results folder): they run at the same time."
     uri, user, pw = mlflow_server
     raw = uri.replace('http://', f'http://{user}:{pw}@')
-    run_cli('digit-data', check=0)
     results = tmp_path/'results'
     paths = {'DIGIT_PATHS_RESULTS_DIR': str(results), 'DIGIT_PATHS_CLEANED_DIR': str(ROOT/'dataset_cleaned'),
              'DIGIT_PATHS_DATA_DIR': str(ROOT/'data'), 'DIGIT_MLFLOW_REGISTERED_MODEL': 'digit-recognizer-secrets-test'}
@@ -33,10 +37,12 @@ def test_credentials_in_the_uri_never_leak(mlflow_server, tmp_path, run_cli):
     project = tmp_path/'project'; project.mkdir()
     shutil.copy(ROOT/'settings.ini', project); (project/'nbs').symlink_to(ROOT/'nbs')
     (project/'.env').write_text(f"MLFLOW_TRACKING_URI={raw}\n")
-    out = run_in(project, 'digit-train', *TINY, '--run-name', 'secret-in-dotenv', env=paths)
     # 2. The URI in the environment: a sweep and the whole pipeline.
-    out += run_in(ROOT, 'digit-sweep', '--grid', 'lr=0.01', *TINY, env={**paths, 'MLFLOW_TRACKING_URI': raw})
-    out += run_in(ROOT, 'digit-pipeline', *TINY, '--min-accuracy', '0', env={**paths, 'MLFLOW_TRACKING_URI': raw})
+    out = ''.join(together(
+        lambda: run_in(project, 'digit-train', *TINY, '--run-name', 'secret-in-dotenv', env=paths),
+        lambda: run_in(ROOT, 'digit-sweep', '--grid', 'lr=0.01', *TINY, env={**paths, 'MLFLOW_TRACKING_URI': raw}),
+        lambda: run_in(ROOT, 'digit-pipeline', *TINY, '--min-accuracy', '0',
+                       env={**paths, 'MLFLOW_TRACKING_URI': raw})))
     assert 'best val_accuracy' in out and 'champion' in out      # everything really ran, against the server
     assert pw not in out
     notebooks = list((results/'notebooks').glob('*.ipynb')) + list(results.rglob('evaluation.ipynb'))
@@ -45,5 +51,6 @@ def test_credentials_in_the_uri_never_leak(mlflow_server, tmp_path, run_cli):
         injected = json.loads(nb.read_text())['metadata']['papermill']['parameters']
         assert raw not in json.dumps(injected) and pw not in json.dumps(injected), nb
     assert files_holding(pw, results) == []
-    assert files_holding(pw, mlflow_server.dir/'artifacts', mlflow_server.dir/'mlflow.db', mlflow_server.dir/'server.log') == []
+    server = mlflow_server.dir
+    assert files_holding(pw, server/'artifacts', server/'mlflow.db', server/'server.log') == []
     assert len(list((mlflow_server.dir/'artifacts').rglob('*.ipynb'))) >= 4   # the notebooks did reach the server

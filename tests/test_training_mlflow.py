@@ -1,21 +1,10 @@
-"`digit-train` and `digit-sweep` against a real MLflow server with login: what lands there, and what happens when it can't."
+"""`digit-train` and `digit-sweep` against a real MLflow server with login: what lands there, and what happens when
+it can't."""
 import json, re
 from pathlib import Path
 import numpy as np
 import pytest
-
-TINY = ['--epochs', '2', '--max-train-samples', '1000', '--batch-size', '100']
-
-
-@pytest.fixture(scope='module')
-def data_ready(run_cli):
-    run_cli('digit-data', check=0)          # the project's dataset_cleaned/ (reused when current)
-
-
-def server_env(server, results, password=None):
-    uri, user, pw = server
-    return {'MLFLOW_TRACKING_URI': uri, 'MLFLOW_TRACKING_USERNAME': user, 'MLFLOW_TRACKING_PASSWORD': password or pw,
-            'DIGIT_PATHS_RESULTS_DIR': str(results)}
+from conftest import TINY_RUN as TINY, server_env, together
 
 
 @pytest.fixture(scope='module')
@@ -28,13 +17,12 @@ def client(mlflow_server):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, mlflow_server, run_cli, data_ready):
-    results = tmp_path_factory.mktemp('results')
-    r = run_cli('digit-train', *TINY, '--run-name', 'tiny', env=server_env(mlflow_server, results), check=0)
-    rid = re.search(r'^run ([0-9a-f]{32}):', r.stdout, re.M).group(1)
-    return rid, results, r
+def trained(server_run):
+    "The session's tiny run on the server (conftest.server_run): `(run_id, results, completed_process)`."
+    return server_run
 
 
+@pytest.mark.slow
 def test_run_is_recorded(trained, client):
     rid, results, r = trained
     run = client.get_run(rid)
@@ -58,6 +46,7 @@ def test_run_is_recorded(trained, client):
     assert (results/rid/'best.pt').is_file() and (results/rid/'last.pt').is_file()
 
 
+@pytest.mark.slow
 def test_logged_model_predicts(trained, client):
     import mlflow, torch
     from digit_recognition.evaluation import load_logged_model
@@ -70,12 +59,14 @@ def test_logged_model_predicts(trained, client):
     assert torch.allclose(p.sum(1), torch.ones(200), atol=1e-5)
     assert (p.argmax(1) == y[:200]).float().mean() > 0.7
     info = mlflow.models.get_model_info(f"runs:/{rid}/model")
-    assert info.signature is not None and tuple(info.signature.inputs.to_dict()[0]['tensor-spec']['shape']) == (-1, 28, 28)
-    pf = mlflow.pyfunc.load_model(f"runs:/{rid}/model")          # what `mlflow models serve` runs: a batch of 28x28 arrays
+    assert info.signature is not None
+    assert tuple(info.signature.inputs.to_dict()[0]['tensor-spec']['shape']) == (-1, 28, 28)
+    pf = mlflow.pyfunc.load_model(f"runs:/{rid}/model")     # what `mlflow models serve` runs: a batch of 28x28 arrays
     q = np.asarray(pf.predict(x[:5, 0].numpy().astype(np.float32)/255))
     assert q.shape == (5, 10) and np.allclose(q, p[:5].numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_executed_notebook_and_no_secrets(trained, client, mlflow_server, tmp_path):
     rid, results, r = trained
     pw = mlflow_server[2]
@@ -92,9 +83,22 @@ def test_executed_notebook_and_no_secrets(trained, client, mlflow_server, tmp_pa
     assert pw not in json.dumps(run.data.params) + json.dumps(run.data.tags)
 
 
-def test_sweep_parent_and_children(tmp_path, mlflow_server, run_cli, client, data_ready):
-    r = run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'model=cnn', '--jobs', '2', '--epochs', '1',
-                '--max-train-samples', '600', '--no-augment', env=server_env(mlflow_server, tmp_path), check=0)
+@pytest.fixture(scope='module')
+def sweeps(tmp_path_factory, mlflow_server, run_cli, data_ready):
+    """This module's two sweeps, run at the same time against the server (each with its own results folder):
+    `{'ok': (completed_process, results), 'failing': (completed_process, results)}`."""
+    ok, failing = tmp_path_factory.mktemp('sweep-ok'), tmp_path_factory.mktemp('sweep-failing')
+    r_ok, r_failing = together(
+        lambda: run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'model=cnn', '--jobs', '2', '--epochs', '1',
+                        '--max-train-samples', '600', '--no-augment', env=server_env(mlflow_server, ok), check=0),
+        lambda: run_cli('digit-sweep', '--grid', 'optimizer=adamw,lion', '--epochs', '1', '--max-train-samples', '300',
+                        env=server_env(mlflow_server, failing)))
+    return {'ok': (r_ok, ok), 'failing': (r_failing, failing)}
+
+
+@pytest.mark.slow
+def test_sweep_parent_and_children(sweeps, client, tmp_path):
+    r, _ = sweeps['ok']
     pid = re.search(r'^sweep ([0-9a-f]{32}):', r.stdout, re.M).group(1)
     parent = client.get_run(pid)
     exp = parent.info.experiment_id
@@ -111,24 +115,25 @@ def test_sweep_parent_and_children(tmp_path, mlflow_server, run_cli, client, dat
     assert parent.data.tags['best_run_id'] == best.info.run_id
 
 
-def test_sweep_failed_child_does_not_stop_others(tmp_path, mlflow_server, run_cli, client, data_ready):
-    r = run_cli('digit-sweep', '--grid', 'optimizer=adamw,lion', '--epochs', '1', '--max-train-samples', '300',
-                env=server_env(mlflow_server, tmp_path))
+@pytest.mark.slow
+def test_sweep_failed_child_does_not_stop_others(sweeps):
+    r, _ = sweeps['failing']
     assert r.returncode == 1 and "optimizer: unknown 'lion'" in r.stdout
     assert r.stderr.strip().splitlines()[-1] == 'error: 1 of 2 runs failed (see the table above)'
     assert re.search(r'\| adamw \| ok \| 0\.\d{4} \|', r.stdout)
 
 
+@pytest.mark.slow
 def test_wrong_password_fails_fast_and_keeps_checkpoint(trained, mlflow_server, run_cli):
     rid, results, _ = trained
     before = {p.name: p.read_bytes() for p in (results/rid).glob('*.pt')}
     env = server_env(mlflow_server, results, password='not-the-password')
-    r = run_cli('digit-train', *TINY, env=env)
+    r, r2 = together(lambda: run_cli('digit-train', *TINY, env=env),
+                     lambda: run_cli('digit-train', '--resume', rid, '--epochs', '3', env=env))
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (f"error: tracking server {mlflow_server[0]} refused the credentials; "
                                                  "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     assert 'Traceback' not in r.stderr and 'not-the-password' not in r.stderr + r.stdout
-    r2 = run_cli('digit-train', '--resume', rid, '--epochs', '3', env=env)
     assert r2.returncode == 1 and 'refused the credentials' in r2.stderr
     assert {p.name: p.read_bytes() for p in (results/rid).glob('*.pt')} == before
     assert sorted(p.name for p in results.iterdir() if p.name != 'notebooks') == [rid]   # no new run folder
@@ -141,12 +146,13 @@ def test_unreachable_server(tmp_path, run_cli):
     assert r.returncode == 1 and 'cannot be reached' in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client, data_ready):
     "A run killed mid-training keeps its last completed epoch; --resume finishes it in the same MLflow run."
     import os, signal, subprocess, time, torch
     from conftest import ROOT, BIN
     env = {**os.environ, **server_env(mlflow_server, tmp_path)}
-    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '8', '--max-train-samples', '2000', '--quiet'], cwd=ROOT,
+    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '1000', '--quiet'], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     while not list(tmp_path.glob('*/last.pt')) and time.time() < deadline and p.poll() is None: time.sleep(0.2)
@@ -161,13 +167,14 @@ def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client
     run = client.get_run(rid)
     assert run.info.status == 'KILLED' and run.data.tags['stale'].endswith('ended without finishing the run')
     ck = torch.load(last, weights_only=True)
-    assert 1 <= ck['epoch'] < 8 and (last.parent/'best.pt').is_file()
+    assert 1 <= ck['epoch'] < 4 and (last.parent/'best.pt').is_file()
     assert not list(last.parent.glob('.*.part'))          # no half-written checkpoint left behind
-    r = subprocess.run([str(BIN/'digit-train'), '--resume', rid], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([str(BIN/'digit-train'), '--resume', rid], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resuming run {rid} after epoch {ck['epoch']} of 8" in r.stdout and f'run {rid}:' in r.stdout
+    assert f"resuming run {rid} after epoch {ck['epoch']} of 4" in r.stdout and f'run {rid}:' in r.stdout
     steps = [m.step for m in client.get_metric_history(rid, 'val_accuracy')]
-    assert sorted(set(steps)) == list(range(1, 9))
+    assert sorted(set(steps)) == list(range(1, 5))
     assert client.get_run(rid).info.status == 'FINISHED'
 
 
@@ -175,4 +182,5 @@ def test_bad_parameter_is_one_line(tmp_path, run_cli, data_ready):
     r = run_cli('digit-train', '--model', 'resnet', '--epochs', '1', env={'DIGIT_PATHS_RESULTS_DIR': str(tmp_path),
                 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"})
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("error: model: unknown model 'resnet' (expected one of mlp, cnn)")
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        "error: model: unknown model 'resnet' (expected one of mlp, cnn)")

@@ -1,11 +1,12 @@
 """The package as a user installs it: a wheel, imported from a folder that is not a checkout, with no settings.ini
-anywhere. The defaults ship inside the package; data, runs and the store go under the working folder (DIGIT_HOME)."""
+anywhere. The defaults ship inside the package; data, runs and the store go under the working folder (DIGIT_HOME).
+Building the wheel and running every command from it takes minutes: all are marked slow."""
 import os, re, subprocess, sys, zipfile
-import numpy as np
 import pytest
 from PIL import Image
-from conftest import ROOT
+from conftest import ROOT, together
 
+pytestmark = pytest.mark.slow
 TINY = ['--epochs', '1', '--max-train-samples', '1000', '--batch-size', '100', '--no-augment']
 
 
@@ -13,8 +14,8 @@ TINY = ['--epochs', '1', '--max-train-samples', '1000', '--batch-size', '100', '
 def installed(tmp_path_factory, mnist_dir):
     "The project built as a wheel and installed with `pip --target` into a fresh folder; `(run, home)`."
     d = tmp_path_factory.mktemp('wheel')
-    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', d/'dist', ROOT],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', d/'dist',
+                    ROOT], check=True, capture_output=True)
     whl = next((d/'dist').glob('digit_recognition-*.whl'))
     assert {'digit_recognition/notebooks/training.ipynb', 'digit_recognition/notebooks/evaluation.ipynb'} <= set(
         zipfile.ZipFile(whl).namelist())
@@ -52,10 +53,13 @@ def test_every_command_works_outside_a_checkout(installed):
     from digit_recognition.data import load_cleaned
     x, y = load_cleaned(home/'dataset_cleaned', splits=('test',)).test
     Image.fromarray(255 - x[0, 0].numpy()).resize((112, 112)).save(home/'digit.png')
-    for model in (home/'training_results'/rid/'best.pt', 'models:/digit-recognizer@champion'):
-        r = run('digit-predict', 'digit.png', '--model', model, '--format', 'csv')
-        assert r.stdout.splitlines()[1].startswith('digit.png,'), r.stdout
-    r = run('digit-pipeline', *TINY, '--min-accuracy', '0', '--quiet')
+    # the two predictions and the pipeline (a new run, and maybe a new champion) are independent: at the same time
+    models = (home/'training_results'/rid/'best.pt', 'models:/digit-recognizer@champion')
+    *predicted, r = together(*[lambda m=model: run('digit-predict', 'digit.png', '--model', m, '--format', 'csv')
+                               for model in models],
+                             lambda: run('digit-pipeline', *TINY, '--min-accuracy', '0', '--quiet'))
+    for p in predicted:
+        assert p.stdout.splitlines()[1].startswith('digit.png,'), p.stdout
     assert re.search(r'^test accuracy\s+0\.\d+', r.stdout, re.M), r.stdout
     probs = run("import sys; from digit_recognition.client import DigitPredictor; "
                 "p = DigitPredictor.load('models:/digit-recognizer@champion'); "
