@@ -54,10 +54,10 @@ client: setup  ## the drawing pad (needs a display)
 
 # `test` and `test-fast` run the notebooks beside pytest (-j2): most of a test's time is one process importing
 # libraries, so the two share the cores; -Oline keeps each output line whole.
-test: setup data  ## every test, what CI runs (about 10 minutes): all notebook cells, all of pytest
+test: setup data  ## every test, what CI runs: all notebook cells, all of pytest (the 15 slowest listed)
 	$(MAKE) --no-print-directory -j2 -Oline test-notebooks test-pytest
 
-test-fast: setup data  ## while working (under 3 minutes): notebook cells not flagged `#| slow`, pytest -m "not slow"
+test-fast: setup data  ## while working (minutes): notebook cells not flagged `#| slow`, pytest -m "not slow"
 	$(MAKE) --no-print-directory -j2 -Oline test-notebooks-fast test-pytest-fast
 
 test-notebooks-fast: setup
