@@ -227,18 +227,24 @@ def test_drawing_pad(display, predictor, tmp_path, monkeypatch):
     finally: root.destroy()
 
 
+def wait_for_window(p, env, seconds=60) -> list:
+    "The X window ids of `digit-client` process `p` once its window is up (fails with its stderr if it exits first)."
+    deadline, wid = time.time() + seconds, ''
+    while not wid and time.time() < deadline and p.poll() is None:
+        wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True,
+                             text=True).stdout.split()
+        time.sleep(0.3)
+    assert wid, p.stderr.read() if p.poll() is not None else 'no window'
+    return wid
+
+
 def test_digit_client_starts_a_window(display, model_dir, tmp_path):
     if not shutil.which('xdotool'): pytest.skip('xdotool is not installed')
     env = {**os.environ, 'DISPLAY': display}
     p = subprocess.Popen([str(BIN/'digit-client'), '--model', str(model_dir/'best.pt'), '--save-dir', str(tmp_path)],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, wid = time.time() + 60, ''
-        while not wid and time.time() < deadline and p.poll() is None:
-            wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True,
-                                 text=True).stdout.split()
-            time.sleep(0.3)
-        assert wid, p.stderr.read() if p.poll() is not None else 'no window'
+        wid = wait_for_window(p, env)
         name = subprocess.run(['xdotool', 'getwindowname', wid[-1]], env=env, capture_output=True,
                               text=True).stdout.strip()
         assert name == 'digit-client: draw a digit'
@@ -256,12 +262,7 @@ def test_ctrl_c_closes_the_drawing_pad(display, model_dir, tmp_path):
     p = subprocess.Popen([str(BIN/'digit-client'), '--model', model_dir/'best.pt', '--save-dir', tmp_path], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline, wid = time.time() + 60, ''
-        while not wid and time.time() < deadline and p.poll() is None:
-            wid = subprocess.run(['xdotool', 'search', '--name', 'digit-client'], env=env, capture_output=True,
-                                 text=True).stdout.split()
-            time.sleep(0.3)
-        assert wid, p.stderr.read() if p.poll() is not None else 'no window'
+        wait_for_window(p, env)
         time.sleep(1)                                                    # idle: Tk is waiting for events
         out, err = interrupt(p, timeout=20)
     finally:
