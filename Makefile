@@ -13,6 +13,7 @@ XDIST = $(shell $(BIN)/python -c 'import xdist' 2>/dev/null && echo '-n 2')
 NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)'
 
 .PHONY: help setup lock data train evaluate sweep pipeline predict client lab ui bench bench-client export readme
+.PHONY: docs-outputs
 .PHONY: test test-fast test-notebooks test-pytest test-notebooks-fast test-pytest-fast
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -91,4 +92,9 @@ export: setup readme  ## notebooks -> digit_recognition/ (code and the papermill
 
 readme: setup  ## README.md from nbs/index.ipynb (nbdev-readme where Quarto is installed, else nbconvert)
 	if command -v quarto >/dev/null; then $(BIN)/nbdev-readme; \
-	else $(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN; fi
+	else $(BIN)/jupyter nbconvert $(README_ARGS) --output-dir . --output README; fi
+README_ARGS = --to markdown nbs/index.ipynb --TagRemovePreprocessor.remove_input_tags remove_input --log-level WARN
+
+docs-outputs: setup data  ## run every notebook (slow cells too) and keep its outputs, figures included, for the docs
+	$(NBDEV_TEST) --flags slow --save
+	$(BIN)/nbdev-clean

@@ -9,6 +9,10 @@ and prints a table: test accuracy after each epoch, training seconds to reach 99
 
     python bench/train_speed.py                       # all three (about 10 minutes on 2 cores)
     python bench/train_speed.py --parts fast,reference --reference-epochs 14 --no-stop-at-target
+    python bench/train_speed.py --quick               # smoke run: fast only, 5,000 images (under a minute)
+
+The table, with date, machine and versions, goes to bench/results/train_speed.json and .md (a --quick run's to
+train_speed-quick.*); its `figures` are what the notebooks and README quote.
 """
 import argparse, json, re, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -19,15 +23,17 @@ from torchvision import datasets, transforms
 from digit_recognition.config import Settings, get_device, seed_everything
 from digit_recognition.data import load_cleaned, prepare_data
 from digit_recognition.model import get_model
-from digit_recognition.training import fit, evaluate, model_from_checkpoint
+from digit_recognition.training import TrainParams, fit, evaluate, model_from_checkpoint
+from results import save, table
 
 TARGET = 0.99
 
 
-def run_fast(data, device):
+def run_fast(data, device, max_train_samples=0):
     "Our recipe: the default CNN, one epoch of one-cycle AdamW on in-memory tensors."
-    p = dict(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
-             label_smoothing=0.1, augment=False, seed=42, device=device, max_train_samples=0, patience=0)
+    p = TrainParams(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle',
+                    weight_decay=5e-4, label_smoothing=0.1, augment=False, seed=42, device=device,
+                    max_train_samples=max_train_samples, patience=0)
     seed_everything(42); m = get_model('cnn'); rows, t = [], 0.0
     def on_epoch(metrics, epoch):
         nonlocal t
@@ -50,13 +56,15 @@ class ReferenceNet(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-def run_reference(device, epochs, stop_at_target):
-    "The PyTorch examples' recipe, as written there."
+def run_reference(device, epochs, stop_at_target, max_train_samples=0):
+    "The PyTorch examples' recipe, as written there (on the first `max_train_samples` images if set)."
     seed_everything(1)
     dev = get_device(device)
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     root = Settings().path('paths', 'data_dir')
-    train = torch.utils.data.DataLoader(datasets.MNIST(root, train=True, transform=tf), batch_size=64, shuffle=True)
+    train = datasets.MNIST(root, train=True, transform=tf)
+    if max_train_samples: train = torch.utils.data.Subset(train, range(max_train_samples))
+    train = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
     test = torch.utils.data.DataLoader(datasets.MNIST(root, train=False, transform=tf), batch_size=1000)
     model = ReferenceNet().to(dev)
     opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
@@ -77,11 +85,12 @@ def run_reference(device, epochs, stop_at_target):
     return rows
 
 
-def run_digit_train(data):
+def run_digit_train(data, max_train_samples=0):
     "`digit-train` with its defaults: wall time of the whole command and the test accuracy of its best checkpoint."
+    cmd = [str(Path(sys.executable).parent/'digit-train'), '--quiet', '--run-name', 'bench-defaults']
+    if max_train_samples: cmd += ['--max-train-samples', str(max_train_samples)]
     t0 = time.time()
-    r = subprocess.run([str(Path(sys.executable).parent/'digit-train'), '--quiet', '--run-name', 'bench-defaults'],
-                       capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
     if r.returncode: sys.exit(f"digit-train failed: {r.stderr.strip().splitlines()[-1]}")
     ck = re.search(r'checkpoint\s+(\S+)', r.stdout).group(1)
@@ -90,42 +99,61 @@ def run_digit_train(data):
     return wall, acc, res['epochs_run']
 
 
+def seconds_to_target(rows):
+    return next((t for _, t, acc, _ in rows if acc >= TARGET), None)
+
+
 def to_target(rows):
-    return next((f"{t:.1f}" for _, t, acc, _ in rows if acc >= TARGET), 'not reached')
+    t = seconds_to_target(rows)
+    return 'not reached' if t is None else f"{t:.1f}"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--parts', default='fast,reference,digit-train', help="which to run, comma-separated")
+    ap.add_argument('--parts', default=None,
+                    help="which to run, comma-separated (default: fast,reference,digit-train; --quick: fast)")
     ap.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda'")
     ap.add_argument('--reference-epochs', type=int, default=14,
                     help="epochs of the reference (the example's default: 14)")
     ap.add_argument('--stop-at-target', action=argparse.BooleanOptionalAction, default=True,
                     help="stop the reference once it reaches 99.0%% test accuracy")
+    ap.add_argument('--max-train-samples', type=int, default=None,
+                    help="train on the first N images only (default: all; --quick: 5000)")
+    ap.add_argument('--quick', action='store_true',
+                    help="smoke run (fast only, 5,000 images) written to bench/results/train_speed-quick.*")
     a = ap.parse_args()
-    parts = a.parts.split(',')
+    parts = (a.parts or ('fast' if a.quick else 'fast,reference,digit-train')).split(',')
+    n = a.max_train_samples if a.max_train_samples is not None else 5000 if a.quick else 0
     prepare_data(quiet=True)
     data = load_cleaned()
     dev = get_device(a.device)
     print(f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"dataset {data.version}\n", flush=True)
+          f"dataset {data.version}{f', first {n:,} training images' if n else ''}\n", flush=True)
     res = {}
-    if 'fast' in parts: res['fast'] = run_fast(data, a.device)
-    if 'reference' in parts: res['reference'] = run_reference(a.device, a.reference_epochs, a.stop_at_target)
-    print(f"\n| recipe | epochs | training s | s to {TARGET:.1%} test acc | test acc per epoch | images/s |")
-    print("|---|---|---|---|---|---|")
-    for k, rows in res.items():
-        print(f"| {k} | {len(rows)} | {rows[-1][1]:.1f} | {to_target(rows)} | "
-              f"{' '.join(f'{r[2]:.4f}' for r in rows)} | "
-              f"{sum(r[3] for r in rows)/len(rows):,.0f} |")
+    if 'fast' in parts: res['fast'] = run_fast(data, a.device, n)
+    if 'reference' in parts: res['reference'] = run_reference(a.device, a.reference_epochs, a.stop_at_target, n)
+    cols = ['recipe', 'epochs', 'training s', f's to {TARGET:.1%} test acc', 'test acc per epoch', 'images/s']
+    rows, figs, notes = [], dict(target_accuracy=TARGET, train_samples=n or len(data.train[1])), []
+    for k, rs in res.items():
+        ips, t = sum(r[3] for r in rs)/len(rs), seconds_to_target(rs)
+        rows.append([k, len(rs), f"{rs[-1][1]:.1f}", to_target(rs), ' '.join(f'{r[2]:.4f}' for r in rs), f"{ips:,.0f}"])
+        figs.update({f'{k}_epochs': len(rs), f'{k}_training_seconds': round(rs[-1][1], 2),
+                     f'{k}_seconds_to_target': t if t is None else round(t, 2), f'{k}_test_accuracy': rs[-1][2],
+                     f'{k}_images_per_second': round(ips)})
+    print('\n' + table(cols, rows))
     if 'fast' in res and 'reference' in res:
-        f, r = to_target(res['fast']), to_target(res['reference'])
-        if 'not' not in f and 'not' not in r:
-            print(f"\nspeed-up to {TARGET:.1%}: {float(r)/float(f):.1f}x")
+        f, r = seconds_to_target(res['fast']), seconds_to_target(res['reference'])
+        if f is not None and r is not None:
+            figs['speedup'] = round(r/f, 2)
+            notes.append(f"speed-up to {TARGET:.1%}: {r/f:.1f}x"); print('\n' + notes[-1])
     if 'digit-train' in parts:
-        wall, acc, ep = run_digit_train(data)
-        print(f"\ndigit-train (defaults): {wall:.0f} s wall for the whole command, "
-              f"{ep} epochs, test accuracy {acc:.4f}")
+        wall, acc, ep = run_digit_train(data, n)
+        figs.update(digit_train_wall_seconds=round(wall, 1), digit_train_test_accuracy=acc, digit_train_epochs=ep)
+        notes.append(f"digit-train (defaults{f', --max-train-samples {n}' if n else ''}): {wall:.0f} s wall "
+                     f"for the whole command, {ep} epochs, test accuracy {acc:.4f}")
+        print('\n' + notes[-1])
+    notes.append(f"device {dev}, dataset {data.version}")
+    save('train_speed-quick' if a.quick else 'train_speed', rows, cols, notes, figs)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from .config import Settings, DigitError
+from .config import Settings, DigitError, command
 from .images import IMAGE_SUFFIXES, to_gray, to_mnist, _name
 from .data import atomic_write
 
@@ -36,7 +36,7 @@ class Prediction:
 def _prepare_file(x, name):
     "`(28x28 image, None)` or `(None, error)` for one input (also run in worker processes for many files)."
     try: return to_mnist(x, name), None
-    except DigitError as e: return None, str(e).removeprefix('error: ').removeprefix(f"{name}: ")
+    except DigitError as e: return None, str(e).removeprefix(f"{name}: ")
 
 class ServedModel:
     "A model served by `mlflow models serve`: posts 28x28 arrays to its `/invocations` and reads back probabilities."
@@ -165,22 +165,19 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="save each image with its prediction written on it to DIR")
     return p
 
+@command
 def digit_predict(argv=None):
     "Entry point of `digit-predict`: exit status 0, 1 if an input or the model failed, 130 on Ctrl-C (one line)."
-    try: code = _digit_predict(argv)
-    except KeyboardInterrupt: print("interrupted", file=sys.stderr); code = 130
+    code = _digit_predict(argv)
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(code)     # everything is written: skip the seconds torch and MLflow spend tearing down at exit
 
 def _digit_predict(argv=None) -> int:
     a = predict_parser().parse_args(argv)
-    if a.top_k < 1: print("error: --top-k: expected at least 1", file=sys.stderr); return 2
-    try:
-        files = expand_inputs(a.paths)
-        if not files: print(f"error: no image files in {' '.join(a.paths)}", file=sys.stderr); return 1
-        predictor = DigitPredictor.load(a.server or a.model)
-        results = predictor.predict(files, top_k=a.top_k)
-    except DigitError as e: print(e, file=sys.stderr); return 1
+    if a.top_k < 1: raise DigitError("--top-k: expected at least 1")
+    files = expand_inputs(a.paths)
+    if not files: raise DigitError(f"no image files in {' '.join(a.paths)}")
+    results = DigitPredictor.load(a.server or a.model).predict(files, top_k=a.top_k)
     text = format_results(results, a.format)
     if a.output: atomic_write(Path(a.output), lambda f: f.write(text.encode()))
     else: sys.stdout.write(text)
@@ -275,20 +272,17 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument('--save-dir', default='drawings', help="where Save puts the PNGs (default: %(default)s)")
     return p
 
+@command
 def digit_client(argv=None):
     "Entry point of `digit-client`: exit status 0 when the window is closed, 1 on errors, 130 on Ctrl-C (one line)."
     a = client_parser().parse_args(argv)
-    try: _digit_client(a)
-    except KeyboardInterrupt: print("interrupted", file=sys.stderr); sys.exit(130)
-
-def _digit_client(a):
     try:
         import tkinter as tk
         root = tk.Tk()
     except Exception as e:
-        sys.exit(f"error: no display for the drawing pad ({str(e).splitlines()[0]}); set DISPLAY or use digit-predict")
+        raise DigitError(f"no display for the drawing pad ({str(e).splitlines()[0]}); set DISPLAY or use digit-predict")
     try: DrawingPad(root, DigitPredictor.load(a.model), a.save_dir)
-    except DigitError as e: root.destroy(); sys.exit(str(e))
+    except DigitError: root.destroy(); raise
     # Tk runs no Python while it waits for events, so Ctrl-C would only be seen at the next mouse move (and then
     # as a traceback from a callback): a timer wakes Python every 0.1 s, and the handler ends the loop instead
     interrupted = []

