@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 # Extra pytest arguments, e.g. PYTEST_ARGS="-x -k client".
 PYTEST_ARGS ?=
 # pytest on two workers where pytest-xdist is installed (the tests on the MLflow server stay on one: tests/conftest.py).
-XDIST = $(shell $(BIN)/python -c 'import xdist' 2>/dev/null && echo '-n 2')
+XDIST = $(shell $(BIN)/python -c 'import xdist' 2>/dev/null && echo '-n 3')
 # The notebooks' tests, two at a time; mlruns/ folders (MLflow artifacts, which hold copies of notebooks) are not sources.
 NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)'
 

@@ -60,8 +60,11 @@ class DigitPredictor:
         self.model, self.source, self.batch_size = model, source, batch_size
 
     @classmethod
-    def load(cls, source:str|None=None, device:str='cpu', settings:Settings|None=None):
-        "Load `source`: None (the champion), a run id, `runs:/` or `models:/` URI, a checkpoint, or a served model URL."
+    def load(cls,
+             source:str|None=None,  # None (the champion), a run id, `runs:/` or `models:/` URI, checkpoint, served URL
+             device:str='cpu',      # where the network runs: 'cpu', 'cuda', 'mps' or 'auto'
+             settings:Settings|None=None):
+        "A predictor for the model in `source`, loaded weights-only (never unpickled)."
         s = settings or Settings()
         source = source or f"models:/{s.get('mlflow', 'registered_model')}@champion"
         if str(source).startswith(('http://', 'https://')): return cls(ServedModel(str(source)), str(source))
@@ -82,8 +85,11 @@ class DigitPredictor:
             return np.concatenate([self.model(torch.from_numpy(x[i:i+self.batch_size]).to(dev)).cpu().numpy()
                                    for i in range(0, len(x), self.batch_size)])
 
-    def predict(self, inputs, top_k:int=3):
-        "Predictions for one input or a list (each a path, PIL image or array); a single input gives one `Prediction`."
+    def predict(self,
+                inputs,          # one input or a list: paths, PIL images or arrays (any size, grey, RGB or RGBA)
+                top_k:int=3,     # how many candidates each `Prediction` lists
+               ):                # one `Prediction` for one input, else a list of them (an unreadable input: `error`)
+        "Read the digit in each input, with the one MNIST-style preprocessing (`images.to_mnist`)."
         single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3
                                                                 and inputs.shape[-1] not in (3, 4))
         items = [inputs] if single else list(inputs)

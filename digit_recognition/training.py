@@ -27,7 +27,7 @@ from .config import (Settings, DigitError, command, get_device, seed_everything,
 from .data import load_cleaned, atomic_write
 from .model import get_model
 from .tracking import (connect_tracking, _tracking_error, redact, git_commit, shipped_notebook,
-                                        run_notebook, mark_stale_runs)
+                                        run_notebook, mark_stale_runs, use_experiment)
 
 # %% ../nbs/05_training.ipynb #b8ef0c5d
 def augment_batch(x:torch.Tensor, degrees:float=10, shift:float=2, scale:float=0.1, generator=None) -> torch.Tensor:
@@ -377,7 +377,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
         print(f"resuming run {run_id} after epoch {state['epoch']} of {p.epochs}", flush=True)
     data, dev = load_cleaned(splits=('train', 'val')), get_device(p.device)
     uri = connect_tracking(s)
-    mlflow.set_experiment(experiment or s.get('mlflow', 'experiment'))
+    use_experiment(experiment or s.get('mlflow', 'experiment'), uri)
     seed_everything(p.seed)
     net = get_model(p.model)
     try:
@@ -468,7 +468,7 @@ def run_training(params:dict,              # `TrainParams` fields (the others: s
     uri = connect_tracking(s)
     client = mlflow.MlflowClient(uri)
     try:
-        exp = mlflow.set_experiment(opts['experiment'] or s.get('mlflow', 'experiment'))
+        exp = use_experiment(opts['experiment'] or s.get('mlflow', 'experiment'), uri)
         mark_stale_runs(client, exp.experiment_id)
         if opts['resume']: rid = _check_resume(opts['resume'], given, results, client, uri)
         else:

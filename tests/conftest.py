@@ -42,25 +42,33 @@ def together(*calls):
         return [f.result() for f in futures]
 
 
-# The tests that use the session's MLflow server (`mlflow_server`, `server_run`). Under pytest-xdist (`make test` runs
-# `-n 2` where it is installed) they all go to one worker, which starts the server and trains the run once.
-SERVER_TESTS = ('tests/test_training_mlflow.py::', 'tests/test_secrets.py::',
-                'tests/test_evaluation.py::test_registry_on_the_login_server')
+# The tests that use the session's MLflow server (`mlflow_server`, `server_run`), in two groups. Under pytest-xdist
+# (`make test` runs `-n 3` where it is installed) each group goes to one worker, which starts one server for it; the
+# first group also trains the tiny run (`server_run`) once and shares it.
+SERVER_GROUPS = {'mlflow-server-b': ('tests/test_secrets.py::',
+                                     'tests/test_training_mlflow.py::test_killed_run_keeps_checkpoint_and_resumes'),
+                 'mlflow-server-a': ('tests/test_training_mlflow.py::',
+                                     'tests/test_evaluation.py::test_registry_on_the_login_server')}
+
+
+def server_group(nodeid):
+    "The server group of test `nodeid`, or None."
+    return next((g for g, ps in SERVER_GROUPS.items() if nodeid.startswith(ps)), None)
 
 
 def pytest_collection_modifyitems(config, items):
-    "Keep SERVER_TESTS honest: a test that uses the server elsewhere would start a second one under xdist."
-    stray = [i.nodeid for i in items if 'mlflow_server' in getattr(i, 'fixturenames', ())
-             and not i.nodeid.startswith(SERVER_TESTS)]
-    if stray: raise pytest.UsageError(f"tests/conftest.py: add these tests to SERVER_TESTS: {stray}")
+    "Keep SERVER_GROUPS honest: a test that uses the server elsewhere would start one more under xdist."
+    stray = [i.nodeid for i in items
+             if 'mlflow_server' in getattr(i, 'fixturenames', ()) and not server_group(i.nodeid)]
+    if stray: raise pytest.UsageError(f"tests/conftest.py: add these tests to SERVER_GROUPS: {stray}")
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    "pytest-xdist: SERVER_TESTS on one worker, in order; every other test to whichever worker is free."
+    "pytest-xdist: each server group on one worker, in order; every other test to whichever worker is free."
     from xdist.scheduler import LoadScopeScheduling
     class Scheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid): return 'mlflow-server' if nodeid.startswith(SERVER_TESTS) else nodeid
+        def _split_scope(self, nodeid): return server_group(nodeid) or nodeid
     return Scheduling(config, log)
 
 

@@ -8,13 +8,14 @@ from conftest import ROOT, BIN
 NOTEBOOKS = sorted((ROOT/'nbs').glob('*.ipynb'))
 # A cell that draws: calls one of our plotting helpers or matplotlib directly.
 DRAWS = re.compile(r'^(?!\s*#).*\b(plot_\w+|show_(?!settings)\w+|plt\.(subplots|imshow|figure))\(', re.M)
-PNG = '<img src="data:image/png;base64,'
+PNG = re.compile(r'<img [^>]*src="data:image/png;base64,')
 
 
 def figure_cells(nb):
-    "Code cells that promise a picture: they draw, and are neither exported library code nor skipped."
+    "Code cells that promise a picture: they draw (and don't close it), and are neither exported code nor skipped."
     cells = json.loads(nb.read_text())['cells']
     return [c for c in cells if c['cell_type'] == 'code' and DRAWS.search(''.join(c['source']))
+            and 'plt.close(' not in ''.join(c['source'])
             and not re.search(r'^#\|\s*(export|eval:\s*false|hide)', ''.join(c['source']), re.M)]
 
 
@@ -42,7 +43,7 @@ def test_figures_are_kept_and_rendered(nb, html):
     cells = figure_cells(nb)
     missing = [''.join(c['source']).splitlines()[0] for c in cells if not has_png(c)]
     assert not missing, f"{nb.name}: figure cells without their picture (run `make docs-outputs`): {missing}"
-    assert html[nb.name].count(PNG) >= len(cells), f"{nb.name}: the rendered page lacks pictures"
+    assert len(PNG.findall(html[nb.name])) >= len(cells), f"{nb.name}: the rendered page lacks pictures"
 
 
 # Measured numbers that prose must not carry by hand: percentages with decimals, speed-ups, seconds, images/s, ECE.

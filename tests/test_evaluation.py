@@ -4,27 +4,35 @@ Every test here runs papermill kernels: all are marked slow."""
 import json, os, re
 import numpy as np
 import pytest
-from conftest import ROOT, together
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-RUN = re.compile(r'^run ([0-9a-f]{32}):', re.M)
 # Three tiny models whose test accuracies are ordered: weak < mid < strong.
-RECIPES = {'weak': ['--epochs', '1', '--max-train-samples', '200', '--lr', '0.003', '--no-augment'],
-           'mid': ['--epochs', '2', '--max-train-samples', '1000', '--lr', '0.01', '--no-augment'],
-           'strong': ['--epochs', '3', '--max-train-samples', '4000', '--lr', '0.01', '--no-augment']}
+RECIPES = {'weak': dict(epochs=1, max_train_samples=200, lr=0.003, augment=False),
+           'mid': dict(epochs=2, max_train_samples=1000, lr=0.01, augment=False),
+           'strong': dict(epochs=3, max_train_samples=4000, lr=0.01, augment=False)}
+
+
+def flags(params:dict) -> list:
+    "`digit-train`-style flags for `params`."
+    flag = lambda k: '--' + k.replace('_', '-')
+    return [f for k, v in params.items()
+            for f in ([flag(k) if v else flag('no_' + k)] if isinstance(v, bool) else [flag(k), str(v)])]
 
 
 @pytest.fixture(scope='module')
-def local(tmp_path_factory, run_cli, data_ready):
-    "A throwaway local store (sqlite) and results folder, with the three tiny models trained into it (all at once)."
+def local(tmp_path_factory, data_ready):
+    """A throwaway local store (sqlite) and results folder, with the three tiny models trained into it by `train`, in
+    this process: real MLflow runs and checkpoints, without three kernels (`digit-train`'s papermill route has its own
+    tests)."""
+    from fastcore.xtras import modified_env
+    from digit_recognition.training import train
     d = tmp_path_factory.mktemp('local')
-    env = {'MLFLOW_TRACKING_URI': f"sqlite:///{d/'mlflow.db'}", 'DIGIT_PATHS_RESULTS_DIR': str(d/'results'),
-           'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}
-    train = lambda k: lambda: run_cli('digit-train', *RECIPES[k], '--run-name', k, '--quiet', env=env, check=0)
-    done = together(*map(train, RECIPES))
-    runs = {k: RUN.search(r.stdout).group(1) for k, r in zip(RECIPES, done)}
-    return env, runs, d
+    env = {'MLFLOW_TRACKING_URI': f"sqlite:///{d/'mlflow.db'}", 'DIGIT_PATHS_RESULTS_DIR': str(d/'results')}
+    with modified_env('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD', 'MLFLOW_REGISTRY_URI', **env):
+        runs = {k: train(run_name=k, **p)['run_id'] for k, p in RECIPES.items()}
+    return {**env, 'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}, runs, d
 
 
 def client_for(uri):
@@ -115,7 +123,7 @@ def test_pipeline_reuses_current_stages(tmp_path, run_cli, data_ready):
     env = {'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'mlflow.db'}",
            'DIGIT_PATHS_RESULTS_DIR': str(tmp_path/'results'),
            'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}
-    args = [*RECIPES['mid'], '--min-accuracy', '0.2']
+    args = [*flags(RECIPES['mid']), '--min-accuracy', '0.2']
     first = run_cli('digit-pipeline', *args, env=env, check=0).stdout
     rid = re.search(r'^run\s+([0-9a-f]{32})$', first, re.M).group(1)
     assert 'version 1: champion' in first and f"{rid}/evaluation/report.md" in first, first[-1500:]
