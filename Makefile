@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_INDEX ?=
 # Extra pytest arguments, e.g. PYTEST_ARGS="-x -k client".
 PYTEST_ARGS ?=
-# pytest on two workers where pytest-xdist is installed (the tests on the MLflow server stay on one: tests/conftest.py).
+# pytest on three workers where pytest-xdist is installed (MLflow-server tests: a worker per server, tests/conftest.py).
 XDIST = $(shell $(BIN)/python -c 'import xdist' 2>/dev/null && echo '-n 3')
 # The notebooks' tests, two at a time; mlruns/ folders (MLflow artifacts, which hold copies of notebooks) are not sources.
 NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)'

@@ -22,22 +22,18 @@ from .data import atomic_write
 @dataclass
 class Prediction:
     "What the predictor says about one input: `digit`, `probability`, `top_k` [(digit, probability)], or an `error`."
-    source: str
-    digit: int|None = None
-    probability: float|None = None
-    top_k: list = field(default_factory=list)
-    error: str|None = None
+    source: str                                # the input's name: its path, or `array[i]` for an array
+    digit: int|None = None                     # the digit read; None when the input could not be read
+    probability: float|None = None             # the model's probability for `digit`
+    top_k: list = field(default_factory=list)  # the most likely digits, [(digit, probability)], best first
+    error: str|None = None                     # why the input could not be read, in one line
     @property
     def ok(self) -> bool: return self.error is None
     def __str__(self):
         if not self.ok: return f"{self.source}: error: {self.error}"
         return f"{self.source}: {self.digit} ({self.probability:.1%})"
 
-def _prepare_file(x, name):
-    "`(28x28 image, None)` or `(None, error)` for one input (also run in worker processes for many files)."
-    try: return to_mnist(x, name), None
-    except DigitError as e: return None, str(e).removeprefix(f"{name}: ")
-
+# %% ../nbs/07_client.ipynb #625f63b2
 class ServedModel:
     "A model served by `mlflow models serve`: posts 28x28 arrays to its `/invocations` and reads back probabilities."
     def __init__(self, url:str, timeout:float=30): self.url, self.timeout = url.rstrip('/'), timeout
@@ -54,9 +50,18 @@ class ServedModel:
         return np.asarray(out['predictions'] if isinstance(out, dict) else out, np.float32)
 
 # %% ../nbs/07_client.ipynb #3f8ed029
+def _prepare_file(x, name):
+    "`(28x28 image, None)` or `(None, error)` for one input (also run in worker processes for many files)."
+    try: return to_mnist(x, name), None
+    except DigitError as e: return None, str(e).removeprefix(f"{name}: ")
+
 class DigitPredictor:
     "Reads digits from images with a model loaded once; see `load`."
-    def __init__(self, model, source:str='', batch_size:int=256):
+    def __init__(self,
+                 model,               # a network that returns probabilities, or a `ServedModel`
+                 source:str='',       # what it was loaded from, for messages
+                 batch_size:int=256,  # images per call of the model
+                ):
         self.model, self.source, self.batch_size = model, source, batch_size
 
     @classmethod
@@ -127,6 +132,7 @@ def expand_inputs(paths:list) -> list:
         else: out.append(q)                  # reported as 'no such file' in its row
     return out
 
+# %% ../nbs/07_client.ipynb #1db6ba0f
 def format_results(results:list, fmt:str='table') -> str:
     "Predictions as a text table, JSON or CSV."
     rows = [{'file': r.source, 'digit': r.digit, 'confidence': r.probability,
@@ -143,6 +149,7 @@ def format_results(results:list, fmt:str='table') -> str:
                                                   if not r['error'] else f"error: {r['error']}"))
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/07_client.ipynb #eb962dda
 def annotate(path, pred:Prediction) -> Image.Image:
     "The image at `path` with its prediction written under it."
     with Image.open(path) as im: im = ImageOps.exif_transpose(im).convert('RGB')
@@ -171,6 +178,7 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="save each image with its prediction written on it to DIR")
     return p
 
+# %% ../nbs/07_client.ipynb #eeb6fabc
 @command
 def digit_predict(argv=None):
     "Entry point of `digit-predict`: exit status 0, 1 if an input or the model failed, 130 on Ctrl-C (one line)."
@@ -203,7 +211,11 @@ def _digit_predict(argv=None) -> int:
 class DrawingPad:
     "A tkinter drawing pad that predicts as you draw (`root`: a `tk.Tk`; `predictor`: a `DigitPredictor`)."
     SIZE, PEN = 280, 22
-    def __init__(self, root, predictor:DigitPredictor, save_dir='.'):
+    def __init__(self,
+                 root,                      # the `tk.Tk` window to build the pad in
+                 predictor:DigitPredictor,  # reads the drawing
+                 save_dir='.',              # where *Save* writes the PNGs
+                ):
         import tkinter as tk
         self.root, self.predictor, self.save_dir = root, predictor, Path(save_dir)
         root.title('digit-client'); root.resizable(False, False)
@@ -278,6 +290,7 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument('--save-dir', default='drawings', help="where Save puts the PNGs (default: %(default)s)")
     return p
 
+# %% ../nbs/07_client.ipynb #52a62b7b
 @command
 def digit_client(argv=None):
     "Entry point of `digit-client`: exit status 0 when the window is closed, 1 on errors, 130 on Ctrl-C (one line)."
@@ -298,7 +311,10 @@ def digit_client(argv=None):
     if interrupted: root.destroy(); raise KeyboardInterrupt
 
 # %% ../nbs/07_client.ipynb #0178ce37
-def show_prediction(predictor:DigitPredictor, image, title:str=''):
+def show_prediction(predictor:DigitPredictor,  # the model to ask
+                    image,                     # a path, PIL image or array, as `DigitPredictor.predict` takes
+                    title:str='',              # the first panel's title; default: 'input'
+                   ):
     "A figure: the image, what the model sees (28x28), and the ten probabilities."
     import matplotlib.pyplot as plt
     p = predictor.predict(image, top_k=10)
@@ -315,6 +331,7 @@ def show_prediction(predictor:DigitPredictor, image, title:str=''):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/07_client.ipynb #5fd18b9c
 def upload_widget(predictor:DigitPredictor):
     "An ipywidgets file upload that shows the prediction for each uploaded image."
     import ipywidgets as w

@@ -97,6 +97,7 @@ def env_name(section:str, key:str) -> str:
     "The environment variable that overrides `[section] key`."
     return f"DIGIT_{section}_{key}".upper()
 
+# %% ../nbs/00_config.ipynb #6d7a0fe9
 def typed(v):
     "Parse a settings string into bool, int, float or str."
     if not isinstance(v, str): return v
@@ -107,6 +108,7 @@ def typed(v):
     if re.fullmatch(r'[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?', s): return float(s)
     return s
 
+# %% ../nbs/00_config.ipynb #800344a3
 def package_defaults(section:str) -> dict:
     "The package's own defaults for `[section]`, typed: what a setting is before any project, `.env` or environment."
     ini = configparser.ConfigParser(); ini.read_string(DEFAULTS)
@@ -132,7 +134,10 @@ class Settings:
         f = self.root/env_file
         self.dotenv = {k: v for k, v in dotenv_values(f).items() if v is not None} if f.is_file() else {}
 
-    def lookup(self, section:str, key:str, arg=None):
+    def lookup(self,
+               section:str,  # a section of the settings, e.g. 'train'
+               key:str,      # a setting in it, e.g. 'epochs'
+               arg=None):    # an explicit argument: when not None, it is the value
         "`(value, source)` for `[section] key`; `arg`, when not None, is an explicit argument and wins."
         if arg is not None: return arg, 'argument'
         alias = ENV_ALIASES.get((section, key))
@@ -145,11 +150,18 @@ class Settings:
         if self.ini.has_option(section, key): return typed(self.ini.get(section, key)), 'defaults'
         raise DigitError(f"settings.ini: no [{section}] {key}")
 
-    def get(self, section:str, key:str, arg=None):
+    def get(self,
+            section:str,  # a section of the settings, e.g. 'train'
+            key:str,      # a setting in it, e.g. 'epochs'
+            arg=None):    # an explicit argument: when not None, it is the value
         "The value of `[section] key`, or `arg` when given."
         return self.lookup(section, key, arg)[0]
 
-    def path(self, section:str, key:str, arg=None) -> Path:
+    def path(self,
+             section:str,  # a section of the settings, e.g. 'paths'
+             key:str,      # a path setting in it, e.g. 'results_dir'
+             arg=None,     # an explicit argument: when not None, it is the value
+            ) -> Path:
         "A path setting, made absolute against the project folder."
         return self.root/Path(str(self.get(section, key, arg))).expanduser()
 

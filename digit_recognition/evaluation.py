@@ -28,16 +28,15 @@ from .tracking import connect_tracking, _tracking_error, shipped_notebook, run_n
 from .training import Probabilities, model_from_checkpoint, load_checkpoint
 
 # %% ../nbs/06_evaluation.ipynb #7547a546
-RUN_ID = re.compile(r'^[0-9a-f]{32}$')
-
 @dataclass
 class ModelRef:
     "A model to evaluate: `uri` (MLflow URI) or `checkpoint` (file), the training `run_id` ('' if none), a `label`."
-    label: str
-    run_id: str = ''
-    uri: str = ''
-    checkpoint: str = ''
+    label: str              # the name as given, for messages and reports
+    run_id: str = ''        # the MLflow run that trained it, which gets the evaluation ('' if none)
+    uri: str = ''           # a `runs:/` or `models:/` URI to load it from
+    checkpoint: str = ''    # a checkpoint file on this machine, loaded instead of `uri` when set
 
+# %% ../nbs/06_evaluation.ipynb #2fd9a274
 def latest_run(settings:Settings|None=None) -> str:
     "The id of the most recent finished training run in the configured experiment."
     s = settings or Settings()
@@ -49,6 +48,9 @@ def latest_run(settings:Settings|None=None) -> str:
     if not runs: raise DigitError(f"model: no finished training run in experiment '{name}'; "
                                   "run `digit-train` first or name a model")
     return runs[0].info.run_id
+
+# %% ../nbs/06_evaluation.ipynb #ba8524b8
+RUN_ID = re.compile(r'^[0-9a-f]{32}$')
 
 def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
     "What `source` names: a run id, a `runs:/` or `models:/` URI, a checkpoint or run folder, or '' (the latest run)."
@@ -98,6 +100,7 @@ def load_logged_model(uri:str) -> nn.Module:
         raise DigitError(f"model: {uri}: {f.relative_to(d)} is not a plain weights file (it would need pickle to load)"
                          "; refusing it") from None
 
+# %% ../nbs/06_evaluation.ipynb #e7cb05e0
 def load_model(ref:ModelRef, device='cpu') -> nn.Module:
     "The model `ref` names, in eval mode on `device`, returning class probabilities."
     try:
@@ -109,15 +112,22 @@ def load_model(ref:ModelRef, device='cpu') -> nn.Module:
         raise DigitError(f"model: cannot load {ref.label} ({why})") from None
     return net.to(get_device(device)).eval()
 
+# %% ../nbs/06_evaluation.ipynb #3573bfa0
 @torch.no_grad()
-def predict_proba(net:nn.Module, images:torch.Tensor, batch_size:int=1000) -> np.ndarray:
+def predict_proba(net:nn.Module,          # a model that returns class probabilities, as `load_model` gives
+                  images:torch.Tensor,    # uint8 images, N x 1 x 28 x 28
+                  batch_size:int=1000,    # images per forward pass
+                 ) -> np.ndarray:         # N x 10 class probabilities
     "Class probabilities (N x 10) for uint8 `images` (N x 1 x 28 x 28), in batches."
     dev = next(net.parameters()).device
     return np.concatenate([net(images[i:i+batch_size].to(dev).float()/255).cpu().numpy()
                            for i in range(0, len(images), batch_size)])
 
 # %% ../nbs/06_evaluation.ipynb #85757a0b
-def calibration(confidence:np.ndarray, correct:np.ndarray, n_bins:int=15) -> tuple:
+def calibration(confidence:np.ndarray,  # the probability of each predicted class, N values in 0..1
+                correct:np.ndarray,     # whether each prediction was right, N booleans or 0/1
+                n_bins:int=15,          # equal-width confidence bins between 0 and 1
+               ) -> tuple:              # `(ece, bins)`
     "`(ece, bins)`: calibration error (ECE); per equal-width confidence bin, `{lo, hi, count, confidence, accuracy}`."
     edges = np.linspace(0, 1, n_bins + 1)
     idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
@@ -130,7 +140,10 @@ def calibration(confidence:np.ndarray, correct:np.ndarray, n_bins:int=15) -> tup
     return ece, bins
 
 # %% ../nbs/06_evaluation.ipynb #df90bd45
-def classification_metrics(labels:np.ndarray, probs:np.ndarray, n_bins:int=15) -> dict:
+def classification_metrics(labels:np.ndarray,  # the true digits, N
+                           probs:np.ndarray,   # predicted class probabilities, N x classes
+                           n_bins:int=15,      # confidence bins for the calibration error
+                          ) -> dict:
     "Accuracy, loss, macro / weighted precision, recall and F1, per-class table, confusion matrix and calibration."
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
     labels = np.asarray(labels); pred = probs.argmax(1); conf = probs.max(1); classes = list(range(probs.shape[1]))
@@ -148,7 +161,10 @@ def classification_metrics(labels:np.ndarray, probs:np.ndarray, n_bins:int=15) -
     return out
 
 # %% ../nbs/06_evaluation.ipynb #eb0278e1
-def plot_confusion(cm, normalize:bool=False, title:str=''):
+def plot_confusion(cm,                    # confusion matrix, rows: true digit, columns: predicted
+                   normalize:bool=False,  # show each row's shares instead of counts
+                   title:str='',          # the title; default: says which of the two it shows
+                  ):
     "A heatmap of confusion matrix `cm` (rows: true digit, columns: predicted), as counts or row shares."
     cm = np.asarray(cm, dtype=float)
     shown = cm/np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
@@ -170,6 +186,7 @@ def plot_confusion(cm, normalize:bool=False, title:str=''):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/06_evaluation.ipynb #ea89ee89
 def plot_per_class_f1(per_class:list):
     "Per-digit F1 as horizontal bars, with the macro average."
     f1 = [r['f1'] for r in per_class]
@@ -181,12 +198,21 @@ def plot_per_class_f1(per_class:list):
     fig.tight_layout()
     return fig
 
-def confident_errors(labels, probs, n:int=24) -> np.ndarray:
+# %% ../nbs/06_evaluation.ipynb #e0940595
+def confident_errors(labels,           # the true digits, N
+                     probs,            # predicted class probabilities, N x 10
+                     n:int=24,         # at most this many
+                    ) -> np.ndarray:   # indices into `labels`, the most confident mistake first
     "Indices of the `n` wrong predictions made with the highest confidence."
     pred = probs.argmax(1); wrong = np.flatnonzero(pred != np.asarray(labels))
     return wrong[np.argsort(-probs[wrong].max(1), kind='stable')][:n]
 
-def plot_confident_errors(images, labels, probs, n:int=24):
+# %% ../nbs/06_evaluation.ipynb #b89f6a8e
+def plot_confident_errors(images,     # the images, N x 28 x 28
+                          labels,     # the true digits, N
+                          probs,      # predicted class probabilities, N x 10
+                          n:int=24,   # show at most this many
+                         ):
     "The most confidently wrong images, titled true -> predicted (confidence)."
     idx = confident_errors(labels, probs, n)
     titles = [f"{int(labels[i])}→{int(probs[i].argmax())} ({probs[i].max():.0%})" for i in idx]
@@ -194,6 +220,7 @@ def plot_confident_errors(images, labels, probs, n:int=24):
                      ncols=min(8, max(len(idx), 1)), size=1.1,
                      suptitle='most confident mistakes: true → predicted (confidence)')
 
+# %% ../nbs/06_evaluation.ipynb #77fff713
 def plot_reliability(bins:list, ece:float):
     "Reliability diagram: accuracy against confidence per bin, with the share of images in each bin below."
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, gridspec_kw={'height_ratios': [3, 1]})
@@ -211,7 +238,11 @@ def plot_reliability(bins:list, ece:float):
 
 # %% ../nbs/06_evaluation.ipynb #8e87b7a9
 @torch.no_grad()
-def inference_speed(net:nn.Module, images:torch.Tensor, batch_size:int=1000, seconds:float=1.0) -> float:
+def inference_speed(net:nn.Module,        # the model, on the device to measure
+                    images:torch.Tensor,  # uint8 images, N x 1 x 28 x 28; one batch of them is used
+                    batch_size:int=1000,  # images per forward pass
+                    seconds:float=1.0,    # measure for at least this long
+                   ) -> float:            # images per second
     "Images per second for batch prediction of `images`, measured for at least `seconds`."
     dev = next(net.parameters()).device
     x = (images[:batch_size].to(dev).float()/255)
@@ -222,14 +253,15 @@ def inference_speed(net:nn.Module, images:torch.Tensor, batch_size:int=1000, sec
     return n/t
 
 # %% ../nbs/06_evaluation.ipynb #e27bd2a2
-METRIC_KEYS = ('accuracy', 'loss', 'macro_precision', 'macro_recall', 'macro_f1', 'weighted_precision',
-               'weighted_recall', 'weighted_f1', 'ece', 'images_per_second')
-
 def metric_prefix(split:str) -> str:
     "MLflow prefix of evaluation metrics: `test_` for the test split, else `eval_<split>_` (not training's `val_*`)."
     return 'test_' if split == 'test' else f'eval_{split}_'
 
-def evaluation_dir(ref:ModelRef, split:str='test', settings:Settings|None=None) -> Path:
+# %% ../nbs/06_evaluation.ipynb #cbbc51f8
+def evaluation_dir(ref:ModelRef,                 # the model, as `resolve_model` names it
+                   split:str='test',             # the split it is measured on
+                   settings:Settings|None=None,  # where `results_dir` is; default: the project's settings
+                  ) -> Path:
     "Where `ref`'s evaluation goes: `<run folder>/evaluation/` (`evaluation-<split>/` for other splits) in the project."
     s = settings or Settings()
     results = s.path('paths', 'results_dir').resolve()
@@ -239,6 +271,10 @@ def evaluation_dir(ref:ModelRef, split:str='test', settings:Settings|None=None) 
     else:   # never beside a stranger's file
         base = results/'checkpoints'/f"{ck.stem}-{hashlib.sha256(str(ck).encode()).hexdigest()[:8]}"
     return base/('evaluation' if split == 'test' else f'evaluation-{split}')
+
+# %% ../nbs/06_evaluation.ipynb #499dc0bf
+METRIC_KEYS = ('accuracy', 'loss', 'macro_precision', 'macro_recall', 'macro_f1', 'weighted_precision',
+               'weighted_recall', 'weighted_f1', 'ece', 'images_per_second')
 
 def report_markdown(r:dict) -> str:
     "The evaluation as a short Markdown report."
@@ -256,18 +292,18 @@ def report_markdown(r:dict) -> str:
              '', '## Pictures', '', *[f"![{k}]({f})" for k, f in r['figures'].items()], '']
     return '\n'.join(lines)
 
+# %% ../nbs/06_evaluation.ipynb #5a690c52
 def _save_figure(fig, path:Path):
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)); plt.close(fig)
 
-# %% ../nbs/06_evaluation.ipynb #5a690c52
-def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` URI, or checkpoint; empty: the latest run
+def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` URI, or checkpoint; '': the latest run
                    split:str='test',           # 'test' or 'val'
                    batch_size:int=1000,        # images per prediction batch
                    n_bins:int=15,              # confidence bins of the reliability diagram and the ECE
                    n_errors:int=24,            # how many of the most confident mistakes to picture
                    log_to_mlflow:bool=True,    # log the metrics (`test_*`) and files to the model's run
                    device:str='auto',          # where to predict: 'auto', 'cpu', 'cuda' or 'mps'
-                   settings:Settings|None=None,
+                   settings:Settings|None=None,  # default: the project's settings
                   ) -> dict:                   # `metrics`, `evaluation_dir`, `model`, `split`, `dataset_version`, ...
     "Measure `model` on the cleaned `split`; write the evaluation folder and log it to the model's MLflow run."
     s = settings or Settings()
@@ -311,18 +347,20 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
     return r
 
 # %% ../nbs/06_evaluation.ipynb #f2891852
-def check_gate(metrics:dict, min_accuracy:float, prefix:str='test_') -> tuple:
+def check_gate(metrics:dict,        # the evaluation's metrics, with its 'accuracy'
+               min_accuracy:float,  # the least accuracy that passes
+               prefix:str='test_',  # names the metric in the reason: `metric_prefix` of the split
+              ) -> tuple:           # `(passed, reason)`
     "`(passed, reason)`: does the accuracy in `metrics` reach `min_accuracy`?"
     acc = metrics['accuracy']
     if acc >= min_accuracy: return True, f"{prefix}accuracy {acc:.4f} >= {min_accuracy:.4f}"
     return False, f"{prefix}accuracy {acc:.4f} is below the minimum {min_accuracy:.4f}"
 
 # %% ../nbs/06_evaluation.ipynb #d4187173
-def _champion(client, name:str):
-    try: return client.get_model_version_by_alias(name, 'champion')
-    except MlflowException: return None
-
-def champion_accuracy(champion, dataset_version:str, settings:Settings|None=None) -> tuple:
+def champion_accuracy(champion,                     # the champion's registered model version
+                      dataset_version:str,          # the dataset version the candidate was measured on
+                      settings:Settings|None=None,  # not used: the test split comes from `load_cleaned`'s defaults
+                     ) -> tuple:                    # `(accuracy, how)`
     "`(accuracy, how)`: the champion's test accuracy on `dataset_version`, measured again if it was on another one."
     if champion.tags.get('dataset_version') == dataset_version and 'test_accuracy' in champion.tags:
         return float(champion.tags['test_accuracy']), 'recorded'
@@ -335,13 +373,22 @@ def champion_accuracy(champion, dataset_version:str, settings:Settings|None=None
     probs = predict_proba(net, data.test[0])
     return float((probs.argmax(1) == data.test[1].numpy()).mean()), f'measured again on {dataset_version}'
 
+# %% ../nbs/06_evaluation.ipynb #8b738097
 def logged_model_uri(run_id:str) -> str:
     "The URI of the model the run logged (MLflow 3 keeps models as `models:/<model_id>` outside the run's artifacts)."
     outs = mlflow.MlflowClient().get_run(run_id).outputs
     ids = [o.model_id for o in (outs.model_outputs if outs else [])]
     return f"models:/{ids[-1]}" if ids else f"runs:/{run_id}/model"
 
-def register_if_better(evaluation:dict, name:str='', settings:Settings|None=None) -> dict:
+# %% ../nbs/06_evaluation.ipynb #2f9431ea
+def _champion(client, name:str):
+    try: return client.get_model_version_by_alias(name, 'champion')
+    except MlflowException: return None
+
+def register_if_better(evaluation:dict,              # what `evaluate_model` returned, on the test split
+                       name:str='',                  # the registered model; default: settings.ini `[mlflow]`
+                       settings:Settings|None=None,  # default: the project's settings
+                      ) -> dict:                     # `name`, `version`, `decision`, `reason`, `champion` version
     "Register the evaluated run's model as a new version (alias `challenger`); `champion` if it beats the current one."
     s = settings or Settings()
     name = name or s.get('mlflow', 'registered_model')
@@ -384,10 +431,11 @@ def evaluation_notebook(settings:Settings|None=None) -> Path:
     "The papermill-parameterised evaluation notebook, as shipped in the package."
     return shipped_notebook('evaluation')
 
+# %% ../nbs/06_evaluation.ipynb #c8843788
 def run_evaluation(model:str='',           # as for `evaluate_model`
                    split:str='test',         # 'test' or 'val'
                    log_output:bool=True,     # stream the notebook's output
-                   settings:Settings|None=None,
+                   settings:Settings|None=None,  # default: the project's settings
                    **params,                 # more parameters of the evaluation notebook (`batch_size`, ...)
                   ) -> dict:                 # what the notebook wrote to `metrics.json`, and the executed `notebook`
     "Run the evaluation notebook for `model` under papermill."
@@ -419,6 +467,7 @@ def add_gate_flags(parser:argparse.ArgumentParser, settings:Settings):
                         "(default: %(default)s)")
     return parser
 
+# %% ../nbs/06_evaluation.ipynb #ecd51c12
 def evaluate_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     "The `digit-evaluate` command line."
     s = settings or Settings()
@@ -435,12 +484,18 @@ def evaluate_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
     return p
 
-def gate_and_register(r:dict, min_accuracy:float, register:bool, settings:Settings|None=None) -> dict:
+# %% ../nbs/06_evaluation.ipynb #35052739
+def gate_and_register(r:dict,                       # an evaluation, as `run_evaluation` returns it
+                      min_accuracy:float,           # the gate: the least test accuracy that passes
+                      register:bool,                # register the model when it passes
+                      settings:Settings|None=None,  # passed on to `register_if_better`
+                     ) -> dict:                     # `gate`: why it passed; `registry`: the decision, or None
     "Apply the gate to evaluation `r` and, if it passes and `register`, the registry decision. Raises on a failed gate."
     ok, why = check_gate(r['metrics'], min_accuracy, r['prefix'])
     if not ok: raise DigitError(f"gate failed: {why} ({r['model']}); not registered")
     return {'gate': why, 'registry': register_if_better(r, settings=settings) if register else None}
 
+# %% ../nbs/06_evaluation.ipynb #1d33a353
 def print_evaluation(r:dict):
     "A short summary of evaluation `r` on the terminal."
     m = r['metrics']
@@ -449,6 +504,7 @@ def print_evaluation(r:dict):
           f"ECE {m['ece']:.4f}  {m['images_per_second']:,.0f} images/s")
     print(f"  report            {Path(r['evaluation_dir'])/'report.md'}")
 
+# %% ../nbs/06_evaluation.ipynb #1a1102a7
 @command
 def digit_evaluate(argv=None):
     "Entry point of `digit-evaluate`."

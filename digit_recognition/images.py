@@ -17,7 +17,11 @@ from scipy import ndimage
 from .config import DigitError
 
 # %% ../nbs/01_images.ipynb #ff75228a
-def render_photo(digit:np.ndarray, seed:int=0, size:int=160, quality:int=80) -> Image.Image:
+def render_photo(digit:np.ndarray,   # an MNIST digit: 28x28, light ink on black
+                 seed:int=0,         # seeds the photo's scale, place, angle, lighting, grain and blur
+                 size:int=160,       # the side of the square photo, in pixels
+                 quality:int=80,     # its JPEG quality
+                ) -> Image.Image:
     "An MNIST `digit` (28x28, light on dark) as a JPEG photo: dark ink on uneven paper, off-centre, rotated, blurred."
     rng = np.random.default_rng(seed)
     scale = rng.uniform(3.0, 4.0)
@@ -43,14 +47,17 @@ IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.we
 
 class BadImage(DigitError):
     "A one-line error for an unusable image; `reason`: missing, unreadable, too_large, multi_frame or blank."
-    def __init__(self, path, reason:str, why:str):
+    def __init__(self, path,     # the input, as the message names it
+                 reason:str,     # one word for the data layer's report: missing, unreadable, too_large, ...
+                 why:str):       # what is wrong with it, in a few words
         super().__init__(f"{path}: {why}"); self.reason = reason
 
-# %% ../nbs/01_images.ipynb #0ef6dd5e
+# %% ../nbs/01_images.ipynb #5f229edf
 def _name(x) -> str:
     "How an input is named in messages: its path, a PIL image's file name, or its type."
     return str(x) if isinstance(x, (str, Path)) else getattr(x, 'filename', '') or type(x).__name__
 
+# %% ../nbs/01_images.ipynb #e310a517
 _GREY = ('L', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')      # modes that are grey already
 
 def _pil_to_gray(im:Image.Image, name:str, notes:list) -> np.ndarray:
@@ -72,6 +79,7 @@ def _pil_to_gray(im:Image.Image, name:str, notes:list) -> np.ndarray:
         return np.clip(a, 0, 255).astype(np.float32)
     return np.asarray(im.convert('L'), np.float32)
 
+# %% ../nbs/01_images.ipynb #0ef6dd5e
 def _to_gray(x, name:str, notes:list) -> np.ndarray:
     "`to_gray`, appending to `notes` what was done ('converted_to_grayscale')."
     if isinstance(x, (str, Path)):
@@ -107,25 +115,28 @@ def to_gray(x, name:str|None=None) -> np.ndarray:
     "A float32 grey image (0..255) from a path, a PIL image or an array (grey, RGB or RGBA; uint8 or float)."
     return _to_gray(x, name or _name(x), [])
 
-# %% ../nbs/01_images.ipynb #b37d3532
-WORK_SIZE = 96     # images are first reduced to at most this size: plenty for a 20x20 result, and fast
-
+# %% ../nbs/01_images.ipynb #5947e3e2
 def _border(g:np.ndarray) -> np.ndarray:
     k = max(1, min(g.shape)//20)
     return np.concatenate([g[:k].ravel(), g[-k:].ravel(), g[:, :k].ravel(), g[:, -k:].ravel()])
 
+# %% ../nbs/01_images.ipynb #1ad6915e
 def _dark_on_light(g:np.ndarray) -> bool: return np.median(_border(g)) > 127
 
 def ink_on_dark(g:np.ndarray) -> np.ndarray:
     "`g` with the ink light and the background dark, deciding by the median of the image's border."
     return 255 - g if _dark_on_light(g) else g
 
+# %% ../nbs/01_images.ipynb #93eda181
 def _otsu(v:np.ndarray) -> float:
     hist = np.bincount(np.clip(v, 0, 255).astype(np.uint8).ravel(), minlength=256)
     p, mids = hist/max(hist.sum(), 1), np.arange(256) + 0.5
     w0 = np.cumsum(p); m0 = np.cumsum(p*mids); mt = m0[-1]
     between = (mt*w0 - m0)**2/np.maximum(w0*(1 - w0), 1e-12)
     return float(mids[np.argmax(between)])
+
+# %% ../nbs/01_images.ipynb #b37d3532
+WORK_SIZE = 96     # images are first reduced to at most this size: plenty for a 20x20 result, and fast
 
 def remove_background(g:np.ndarray) -> np.ndarray:
     "Light ink on black: paper and lighting subtracted (grey opening), noise cut below Otsu's threshold, ink saturated."
@@ -157,7 +168,11 @@ def crop_to_ink(ink:np.ndarray, min_part:float=0.1) -> np.ndarray:
     rows, cols = np.flatnonzero(keep.any(1)), np.flatnonzero(keep.any(0))
     return (ink*ndimage.binary_dilation(keep, iterations=2))[rows[0]:rows[-1]+1, cols[0]:cols[-1]+1]
 
-def fit_and_centre(crop:np.ndarray, box:int=20, size:int=28) -> np.ndarray:
+# %% ../nbs/01_images.ipynb #59fe94e3
+def fit_and_centre(crop:np.ndarray,   # the ink, cropped to its bounding box (`crop_to_ink`)
+                   box:int=20,        # the longer side is resized to this, the aspect ratio kept
+                   size:int=28,       # the side of the square result
+                  ) -> np.ndarray:
     "`crop` resized to fit `box` x `box` (aspect kept), in `size` x `size` with its centre of mass in the middle."
     h, w = crop.shape; s = box/max(h, w)
     nh, nw = max(1, round(h*s)), max(1, round(w*s))
@@ -180,6 +195,7 @@ def is_mnist_form(a:np.ndarray) -> bool:
     cy, cx = ndimage.center_of_mass(a.astype(np.float64))
     return abs(cy - 14) <= 1 and abs(cx - 14) <= 1
 
+# %% ../nbs/01_images.ipynb #8fd2282d
 def _to_mnist(x, name:str) -> tuple:
     "`(to_mnist's 28x28 uint8, notes)`: what was done, from 'converted_to_grayscale', 'inverted', 'resized'."
     notes = []
@@ -196,6 +212,7 @@ def to_mnist(x, name:str|None=None) -> np.ndarray:
     "Any digit image (path, PIL image or array) as an MNIST-style 28x28 uint8: light ink on black, fitted, centred."
     return _to_mnist(x, name or _name(x))[0]
 
+# %% ../nbs/01_images.ipynb #fbd52573
 def read_digit_image(path) -> tuple:
     "`(28x28 uint8, notes)` for an image file, by `to_mnist`; black if blank; `BadImage` (with a `reason`) if unusable."
     try: return _to_mnist(path, _name(path))

@@ -40,6 +40,7 @@ def parse_grid(items:list, params:dict) -> dict:
         except ValueError: raise DigitError(f"--grid {it}: values must be {t.__name__}") from None
     return grid
 
+# %% ../nbs/10_pipeline.ipynb #1f72f4a8
 def combinations(grid:dict) -> list:
     "Every combination of the grid's values, as dicts."
     return [dict(zip(grid, vs)) for vs in itertools.product(*grid.values())]
@@ -52,6 +53,7 @@ def _child(params:dict, parent_run_id:str, threads:int) -> dict:
     except DigitError as e: return {'status': 'failed', 'error': str(e)}
     except Exception as e: return {'status': 'failed', 'error': f"{type(e).__name__}: {e}"}
 
+# %% ../nbs/10_pipeline.ipynb #27c6c3f7
 def comparison_table(rows:list, keys:list):
     "CSV and Markdown texts of sweep `rows`, sorted by best validation accuracy (failed runs last)."
     cols = [*keys, 'status', 'best_val_accuracy', 'best_epoch', 'epochs_run', 'run_id', 'error']
@@ -62,6 +64,7 @@ def comparison_table(rows:list, keys:list):
     md += ['| ' + ' | '.join(fmt(r, c).replace('|', '/') for c in cols) + ' |' for r in rows]
     return buf.getvalue(), '\n'.join(md) + '\n', rows
 
+# %% ../nbs/10_pipeline.ipynb #ae180746
 def plot_comparison(rows:list, keys:list):
     "Best validation accuracy of each child run, as horizontal bars."
     ok = [r for r in rows if r['status'] == 'ok']
@@ -76,7 +79,7 @@ def plot_comparison(rows:list, keys:list):
 def run_sweep(grid:dict,                  # `{name: [values]}` of `TrainParams` fields (`parse_grid`)
               fixed:dict,                 # the other parameters, the same for every run (and `RUN_OPTIONS`)
               jobs:int=1,                 # runs at the same time (each gets its share of the cores)
-              settings:Settings|None=None,
+              settings:Settings|None=None,  # None: the project's settings
               quiet:bool=False,           # no progress lines
              ) -> dict:                   # `parent_run_id`, `rows` (best first), `markdown` table, `tracking_uri`
     "Train every combination of `grid` as child runs of one parent MLflow run, and compare them there."
@@ -124,6 +127,7 @@ def sweep_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     add_parameter_flags(p, settings)
     return p
 
+# %% ../nbs/10_pipeline.ipynb #73066832
 @command
 def digit_sweep(argv=None):
     "Entry point of `digit-sweep`."
@@ -154,7 +158,11 @@ def current_run(key:str, experiment:str):
                               max_results=1, order_by=['attributes.start_time DESC'], output_format='list')
     return runs[0] if runs else None
 
-def current_evaluation(run_id:str, dataset_version:str, settings:Settings):
+# %% ../nbs/10_pipeline.ipynb #4cfeae9c
+def current_evaluation(run_id:str,          # the training run
+                       dataset_version:str, # the cleaned data's version now
+                       settings:Settings,   # the settings that say where results go
+                      ):
     "The run's test evaluation if it was made on `dataset_version` and logged, else None."
     f = evaluation_dir(ModelRef(run_id, run_id), 'test', settings)/'metrics.json'
     try: r = json.loads(f.read_text())
@@ -162,6 +170,7 @@ def current_evaluation(run_id:str, dataset_version:str, settings:Settings):
     logged = 'test_accuracy' in mlflow.MlflowClient().get_run(run_id).data.metrics
     return r if r.get('dataset_version') == dataset_version and logged else None
 
+# %% ../nbs/10_pipeline.ipynb #bd944d0b
 def current_registration(run_id:str, name:str):
     "The registry's decision for a version made from `run_id`, or None."
     c = mlflow.MlflowClient()
@@ -180,7 +189,7 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
                  min_accuracy:float=0.99,  # the gate: no registration below this test accuracy
                  register:bool=True,       # register a model that passes (champion if it beats the current one)
                  quiet:bool=False,         # only the summary
-                 settings:Settings|None=None,
+                 settings:Settings|None=None,  # None: the project's settings
                 ) -> dict:                 # `dataset_version`, `run_id`, `test_accuracy`, `gate`, `passed`, `registry`
     "Data -> train -> evaluate -> register, reusing each stage's output when it is current."
     s = settings or Settings()
@@ -212,6 +221,7 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
         summary['registry'] = (None if force else current_registration(rid, name)) or register_if_better(ev, name, s)
     return summary
 
+# %% ../nbs/10_pipeline.ipynb #72735f75
 def print_summary(r:dict):
     "The pipeline's closing summary."
     reg = r['registry']
@@ -237,6 +247,7 @@ def pipeline_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
     add_parameter_flags(p, s)
     return p
 
+# %% ../nbs/10_pipeline.ipynb #24e0af07
 @command
 def digit_pipeline(argv=None):
     "Entry point of `digit-pipeline`."

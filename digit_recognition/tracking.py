@@ -19,6 +19,7 @@ def redact(uri:str) -> str:
     "`uri` with any user and password in it masked, for printing and logging."
     return re.sub(r'//[^/@\s]+@', '//***@', uri)
 
+# %% ../nbs/04_tracking.ipynb #78e0959c
 def move_credentials(uri:str) -> str:
     "`uri` without user and password; those go to MLFLOW_TRACKING_USERNAME/PASSWORD, for this process and its children."
     from urllib.parse import urlsplit, unquote
@@ -48,6 +49,7 @@ def _dagshub(s:Settings):
     dagshub.init(repo_owner=owner, repo_name=name, mlflow=True)
     os.environ.setdefault('MLFLOW_TRACKING_USERNAME', owner); os.environ.setdefault('MLFLOW_TRACKING_PASSWORD', token)
 
+# %% ../nbs/04_tracking.ipynb #4ef5f809
 def _tracking_error(uri:str, e:Exception) -> DigitError:
     "A one-line error for a tracking server that failed, without credentials."
     msg = str(e)
@@ -57,6 +59,7 @@ def _tracking_error(uri:str, e:Exception) -> DigitError:
     first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
     return DigitError(f"tracking server {redact(uri)} cannot be reached ({first})")
 
+# %% ../nbs/04_tracking.ipynb #f3244827
 def _init_store(uri:str):
     "Create or upgrade a local SQLite store once, under a file lock, so that parallel first runs don't both create it."
     if not uri.startswith('sqlite:///'): return
@@ -65,6 +68,7 @@ def _init_store(uri:str):
     db = Path(uri.removeprefix('sqlite:///')); db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock"): mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
+# %% ../nbs/04_tracking.ipynb #994c254e
 def connect_tracking(settings:Settings|None=None) -> str:
     "Configure MLflow from settings, `.env` and the environment; check a remote server answers. Returns the URI."
     import mlflow     # imported where used, as in every module that `fit` needs: those import without MLflow
@@ -106,6 +110,7 @@ def process_alive(pid:int) -> bool:
     try: return Path(f'/proc/{pid}/stat').read_text().rsplit(') ', 1)[-1][:1] != 'Z'
     except OSError: return True
 
+# %% ../nbs/04_tracking.ipynb #cbae42d5
 def mark_stale_runs(client, experiment_id:str) -> list:
     "Mark this machine's RUNNING runs whose process is gone (SIGKILL, power cut) as KILLED; returns their ids."
     host, stale = socket.gethostname(), []
@@ -124,6 +129,7 @@ def shipped_notebook(name:str) -> Path:
     import digit_recognition
     return Path(digit_recognition.__file__).parent/'notebooks'/f'{name}.ipynb'
 
+# %% ../nbs/04_tracking.ipynb #3dd7c703
 def papermill_notebook(path):
     "What papermill runs of `path`: title, imports, the library (no copy of its code), parameters, `papermill` cells."
     import copy, nbformat
@@ -136,9 +142,12 @@ def papermill_notebook(path):
         if {'parameters', 'papermill'} & set(c.metadata.get('tags', [])):
             if before.cell_type == 'markdown' and before not in cells: cells.append(before)
             cells.append(c)
+    for c in cells:
+        if c.cell_type == 'code': c.outputs, c.execution_count = [], None   # the docs keep outputs; runs start clean
     nb.cells = cells
     return nb
 
+# %% ../nbs/04_tracking.ipynb #5a9c52de
 def ship_notebooks(root=None):
     "Put the papermill notebooks into the package (`make export` does), so an installed package can train and evaluate."
     import nbformat
@@ -147,7 +156,13 @@ def ship_notebooks(root=None):
         text = nbformat.writes(papermill_notebook(root/src))
         atomic_write(shipped_notebook(name), lambda f: f.write(text.encode()))
 
-def run_notebook(nb, out_nb, parameters:dict, cwd, log_output:bool=True):
+# %% ../nbs/04_tracking.ipynb #5cbf8527
+def run_notebook(nb,                     # the notebook to run: a path or a `NotebookNode`
+                 out_nb,                 # where the executed notebook is written
+                 parameters:dict,        # values for its `parameters` cell
+                 cwd,                    # the folder the kernel runs in
+                 log_output:bool=True,   # stream the cells' output to our stdout and stderr
+                ):
     "Run `nb` with papermill into `out_nb`, its kernel on local IPC sockets; Ctrl-C stops the notebook's cell cleanly."
     import papermill as pm, signal, tempfile, threading
     from jupyter_client.manager import AsyncKernelManager

@@ -157,20 +157,33 @@ def server_run(tmp_path_factory, mlflow_server, run_cli, data_ready):
     return ServerRun((rid, results, r))
 
 
+def shared_dir(tmp_path_factory, name):
+    "A folder shared by this session's xdist workers (each worker has its own basetemp below the session's)."
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base)/name
+
+
 @pytest.fixture(scope='session')
 def checkpoint_dir(tmp_path_factory, data_ready):
-    """A checkpoint good enough to read digits, trained once per session in this process (`fit`, one epoch on 10,000
-    images: seconds); beside it 64 test images (images.npy) and one as a file (digit.png). Read it, don't change it."""
+    """A checkpoint good enough to read digits, trained once per session (`fit`, one epoch on 10,000 images: seconds;
+    the first xdist worker to need it trains it, the others wait and share it); beside it 64 test images (images.npy)
+    and one as a file (digit.png). Read it, don't change it."""
+    from filelock import FileLock
+    d = shared_dir(tmp_path_factory, 'checkpoint')
+    with FileLock(f"{d}.lock"):
+        if not (d/'digit.png').is_file(): _train_checkpoint(d)
+    return d
+
+
+def _train_checkpoint(d):
     import numpy as np, torch
     from PIL import Image
     from digit_recognition.data import load_cleaned
     from digit_recognition.model import get_model
     from digit_recognition.training import fit, TrainParams
-    d = tmp_path_factory.mktemp('checkpoint')
     p = TrainParams(epochs=1, lr=0.01, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
     torch.manual_seed(42)
     fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
     x = load_cleaned(splits=('test',)).test[0]
     np.save(d/'images.npy', x[:64].squeeze(1).numpy())
     Image.fromarray(x[0, 0].numpy()).save(d/'digit.png')
-    return d

@@ -166,10 +166,11 @@ def test_ctrl_c_stops_digit_predict(model_dir, test_split, tmp_path):
     for i in range(1000): os.link(big, d/f"{i:04}.png")                  # 1000 names for one file
     p = subprocess.Popen([str(BIN/'digit-predict'), d, '--model', model_dir/'best.pt'], cwd=ROOT, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    # Interrupt once it is at work: its worker processes have started (or, on one core, after its imports).
-    deadline = time.time() + (120 if (os.cpu_count() or 1) > 1 else 5)
-    while not children(p.pid) and p.poll() is None and time.time() < deadline: time.sleep(0.05)
-    time.sleep(0.5)
+    # Interrupt once it is at work: all its worker processes have started (or, on one core, after its imports).
+    workers = min(os.cpu_count() or 1, 8) if (os.cpu_count() or 1) > 1 else 0
+    deadline = time.time() + (120 if workers else 5)
+    while len(children(p.pid)) < max(workers, 1) and p.poll() is None and time.time() < deadline: time.sleep(0.05)
+    time.sleep(1)
     assert p.poll() is None, 'digit-predict ended before it could be interrupted'
     out, err = interrupt(p)
     assert p.returncode == 130, err[-3000:]

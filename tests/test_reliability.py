@@ -61,7 +61,7 @@ def test_ctrl_c_is_one_line(tmp_path, data_ready):
     assert run.info.run_id == rid and run.info.status == 'KILLED'
 
 
-@pytest.mark.slow            # five processes of `digit-train`: no kernel, but half a minute of one core all the same
+@pytest.mark.slow            # two processes of `digit-train`: no kernel, but seconds of one core all the same
 def test_damaged_dataset_and_bad_values_fail_before_a_run(tmp_path, run_cli, data_ready):
     cleaned = tmp_path/'cleaned'; shutil.copytree(ROOT/'dataset_cleaned', cleaned)
     f = cleaned/'val.npz'; b = bytearray(f.read_bytes()); b[len(b)//2] ^= 0xFF; f.write_bytes(bytes(b))
@@ -70,13 +70,9 @@ def test_damaged_dataset_and_bad_values_fail_before_a_run(tmp_path, run_cli, dat
     r = run_cli('digit-train', *TINY, env=env, check=1)
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {f}: sha256") and 'Traceback' not in r.stderr
     assert time.time() - t0 < 30                               # no papermill run was started to find out
-    bad = [('--lr', 'nan', 'lr: nan (expected a finite number)'),
-           ('--weight-decay', 'inf', 'weight_decay: inf (expected a finite number)'),
-           ('--lr', '-1', 'lr: -1.0 (expected above 0'), ('--seed', '-5', 'seed: -5')]
-    refused = together(*[lambda f=flag, v=value: run_cli('digit-train', *TINY, f, v, env=local_env(tmp_path), check=1)
-                         for flag, value, _ in bad])
-    for (flag, value, msg), r in zip(bad, refused):
-        assert r.stderr.strip().splitlines()[-1].startswith(f"error: {msg}"), r.stderr
+    # An impossible value, through the command (the notebook's `TrainParams` tests check every other message).
+    r = run_cli('digit-train', *TINY, '--lr', 'nan', env=local_env(tmp_path), check=1)
+    assert r.stderr.strip().splitlines()[-1] == 'error: lr: nan (expected a finite number)', r.stderr
     assert runs_in(tmp_path) == []
 
 
