@@ -33,6 +33,21 @@ def run_command(cmd, *args, env=None, timeout=900, check=None, cwd=ROOT):
     return r
 
 
+def as_in_a_terminal():
+    """`preexec_fn` for a command that a test will Ctrl-C: SIGINT handled by default and not blocked, as in a terminal's
+    foreground job (a test worker's children may inherit SIGINT ignored or blocked, and Python keeps it so)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def sigint_state(pid:int) -> str:
+    "The SigBlk / SigIgn lines of process `pid` (Linux), to show in an assertion."
+    try: return ' '.join(l.strip() for l in Path(f'/proc/{pid}/status').read_text().splitlines()
+                         if l.startswith(('SigBlk', 'SigIgn')))
+    except OSError: return ''
+
+
 def together(*calls):
     """Call each of `calls` (functions of no arguments, each running independent commands) at the same time, and
     return their results in order: most of a command's time is one core importing libraries, so two cores run two

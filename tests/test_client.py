@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import ROOT, BIN, free_port, wait_for_http
+from conftest import ROOT, BIN, free_port, wait_for_http, as_in_a_terminal, sigint_state
 
 
 @pytest.fixture(scope='module')
@@ -143,11 +143,12 @@ def children(pid:int) -> list:
     return out
 
 
-def interrupt(p:subprocess.Popen, timeout=60):
+def interrupt(p:subprocess.Popen, state='', timeout=60):
     "Ctrl-C as a terminal sends it: SIGINT to every process of `p`'s group. Returns (stdout, stderr) once `p` exits."
     os.killpg(p.pid, signal.SIGINT)
     try: out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired: os.killpg(p.pid, signal.SIGKILL); raise
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL); pytest.fail(f"no exit {timeout} s after SIGINT (signals before: {state})")
     time.sleep(0.5)
     try: os.killpg(p.pid, 0); left = True       # a process of the group (a worker) outlived the command
     except ProcessLookupError: left = False
@@ -165,14 +166,16 @@ def test_ctrl_c_stops_digit_predict(model_dir, test_split, tmp_path):
     d = tmp_path/'many'; d.mkdir()
     for i in range(1000): os.link(big, d/f"{i:04}.png")                  # 1000 names for one file
     p = subprocess.Popen([str(BIN/'digit-predict'), d, '--model', model_dir/'best.pt'], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=as_in_a_terminal)
     # Interrupt once it is at work: all its worker processes have started (or, on one core, after its imports).
     workers = min(os.cpu_count() or 1, 8) if (os.cpu_count() or 1) > 1 else 0
     deadline = time.time() + (120 if workers else 5)
     while len(children(p.pid)) < max(workers, 1) and p.poll() is None and time.time() < deadline: time.sleep(0.05)
     time.sleep(1)
     assert p.poll() is None, 'digit-predict ended before it could be interrupted'
-    out, err = interrupt(p)
+    state = sigint_state(p.pid)
+    out, err = interrupt(p, state)
     assert p.returncode == 130, err[-3000:]
     assert err == 'interrupted\n' and out == ''
 
@@ -251,7 +254,8 @@ def test_ctrl_c_closes_the_drawing_pad(display, model_dir, tmp_path):
     if not shutil.which('xdotool'): pytest.skip('xdotool is not installed')
     env = {**os.environ, 'DISPLAY': display}
     p = subprocess.Popen([str(BIN/'digit-client'), '--model', model_dir/'best.pt', '--save-dir', tmp_path], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=as_in_a_terminal)
     try:
         wait_for_window(p, env)
         time.sleep(1)                                                    # idle: Tk is waiting for events

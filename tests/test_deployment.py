@@ -95,6 +95,8 @@ def test_deployment_commands(tmp_path):
     for f in files:
         if (ROOT/f).is_file(): (proj/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, proj/f)
     (proj/'.venv').symlink_to(BIN.parent)
+    for d in ('data', 'dataset_cleaned'):      # the session's verified MNIST and dataset: `digit-data` reuses them
+        if (ROOT/d).is_dir(): shutil.copytree(ROOT/d, proj/d, ignore=shutil.ignore_patterns('cache'))
     env = {k: v for k, v in os.environ.items() if not k.startswith(('DIGIT_', 'MLFLOW_', 'DAGSHUB_'))}
     env.update(PATH=f"{BIN}:{env['PATH']}", MPLBACKEND='Agg')
     if 'MNIST_DIR' not in env:

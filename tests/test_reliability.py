@@ -2,7 +2,7 @@
 a damaged dataset or an impossible parameter (caught before a run exists), a wrong `--resume`."""
 import os, shutil, signal, subprocess, sys, time
 import pytest
-from conftest import ROOT, BIN, together
+from conftest import ROOT, BIN, together, as_in_a_terminal
 
 TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100']
 
@@ -46,7 +46,8 @@ def test_ctrl_c_is_one_line(tmp_path, data_ready):
     env = {**os.environ, **{k: v for k, v in local_env(tmp_path).items() if v}}
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
     p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '8000'], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=as_in_a_terminal)
     deadline = time.time() + 240
     while not list((tmp_path/'results').glob('*/last.pt')) and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)

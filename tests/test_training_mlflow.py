@@ -150,10 +150,11 @@ def test_unreachable_server(tmp_path, run_cli):
 def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client, data_ready):
     "A run killed mid-training keeps its last completed epoch; --resume finishes it in the same MLflow run."
     import os, signal, subprocess, time, torch
-    from conftest import ROOT, BIN
+    from conftest import ROOT, BIN, as_in_a_terminal
     env = {**os.environ, **server_env(mlflow_server, tmp_path)}
     p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '1000', '--quiet'], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=as_in_a_terminal)
     deadline = time.time() + 300
     while not list(tmp_path.glob('*/last.pt')) and time.time() < deadline and p.poll() is None: time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL); p.wait()
