@@ -299,6 +299,7 @@ mlflow.MlflowClient().set_registered_model_alias('digit-recognizer', 'champion',
     except subprocess.TimeoutExpired: p.kill()
 
 
+@pytest.mark.slow            # a real `mlflow models serve`: a model server, as the slow tier has
 def test_predict_through_a_served_model(served, files, predictor):
     url, env = served
     d, expect = files

