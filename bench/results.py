@@ -31,11 +31,13 @@ def machine() -> dict:
 
 
 def git_commit(root=Path(__file__).parent.parent) -> str:
-    "The project's git commit, with '-dirty' when tracked files have uncommitted changes; 'unknown' outside git."
-    def git(*a): return subprocess.run(['git', *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-    try: c, dirty = git('rev-parse', 'HEAD'), git('status', '--porcelain', '--untracked-files=no')
-    except (OSError, subprocess.SubprocessError): return 'unknown'
-    return (c or 'unknown') + ('-dirty' if c and dirty else '')
+    "The project's git commit (the library's `git_commit`), with '-dirty' when tracked files have changes."
+    from digit_recognition.tracking import git_commit as commit
+    c = commit(root)
+    try: dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError): dirty = ''
+    return c + ('-dirty' if dirty and c != 'unknown' else '')
 
 
 def versions() -> dict:

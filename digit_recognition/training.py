@@ -14,7 +14,7 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TRAIN_PARAMS', 'MODEL_CODE', 'RUN_ID', 'R
 
 # %% ../nbs/05_training.ipynb #d2df2577
 import functools, json, math, os, re, socket, time, warnings
-from dataclasses import dataclass, fields, asdict, replace
+from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 import numpy as np
 import torch
@@ -188,7 +188,9 @@ class TrainParams:
     def __post_init__(self):
         for f in fields(self):
             v = typed(getattr(self, f.name))
-            try: setattr(self, f.name, {True: True, False: False}[v] if f.type is bool else f.type(v))
+            try:
+                if f.type is int and isinstance(v, float) and not v.is_integer(): raise ValueError  # 2.5 epochs
+                setattr(self, f.name, {True: True, False: False}[v] if f.type is bool else f.type(v))
             except (KeyError, TypeError, ValueError):
                 raise DigitError(f"{f.name}: {v!r} (expected {f.type.__name__})") from None
         self.check()
@@ -413,7 +415,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     import mlflow
     from mlflow.exceptions import MlflowException
     s = Settings()
-    p = replace(params, **changes) if params else TrainParams.from_settings(s, **changes)
+    p = TrainParams.from_settings(s, **{**(asdict(params) if params else {}), **changes})   # names checked
     results = s.path('paths', 'results_dir')
     state = None
     if resume:
