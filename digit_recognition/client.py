@@ -14,9 +14,8 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from .config import Settings, DigitError, command
+from .config import Settings, DigitError, command, atomic_write
 from .images import IMAGE_SUFFIXES, to_gray, to_mnist, _name
-from .data import atomic_write
 
 # %% ../nbs/07_client.ipynb #c036f22b
 @dataclass

@@ -6,13 +6,12 @@ Docs: https://digit-recognition.github.io/digit-recognition/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'ENV_ALIASES', 'DigitError', 'command', 'find_root', 'env_name', 'typed', 'package_defaults', 'Settings',
-           'tracking_uri', 'get_device', 'seed_everything', 'show_settings']
+           'tracking_uri', 'get_device', 'seed_everything', 'atomic_write', 'show_settings']
 
 # %% ../nbs/00_config.ipynb #2f44def3
-import argparse, functools, os, random, re, sys, configparser
+import argparse, functools, os, random, re, secrets, stat, sys, configparser
 from pathlib import Path
 import numpy as np
-import torch
 from dotenv import dotenv_values
 
 # %% ../nbs/00_config.ipynb #f08813fa
@@ -188,8 +187,9 @@ def tracking_uri(settings:Settings|None=None) -> str:
     return s.get('mlflow', 'tracking_uri') or f"sqlite:///{s.root/'mlflow.db'}"
 
 # %% ../nbs/00_config.ipynb #d1ca96f7
-def get_device(name:str='auto') -> torch.device:
+def get_device(name:str='auto') -> 'torch.device':
     "The torch device for `name`: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1' or 'mps'."
+    import torch     # here, not at the top: clients that only read images with ONNX Runtime never import torch
     if name == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
         if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
@@ -203,8 +203,30 @@ def get_device(name:str='auto') -> torch.device:
 # %% ../nbs/00_config.ipynb #dc117c70
 def seed_everything(seed:int=42) -> int:
     "Seed Python, NumPy and PyTorch; returns `seed`."
+    import torch
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
     return seed
+
+# %% ../nbs/00_config.ipynb #6dc6cda5
+def _new_file(path:Path):
+    "`(fd, name)` of a new, empty file next to `path`, created (exclusively) with mode 0o666 less the umask."
+    while True:
+        tmp = path.parent/f".{path.name}.{secrets.token_hex(6)}.part"
+        try: return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0), 0o666), tmp
+        except FileExistsError: continue
+
+def atomic_write(path, write):
+    "Call `write(f)` on a temporary file next to `path`, then rename it to `path`, keeping the mode `path` had."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _new_file(path)
+    try:
+        with os.fdopen(fd, 'wb') as f: write(f)
+        try: os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))      # the mode of the file replaced
+        except FileNotFoundError: pass                                # a new file: as created, umask applied
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True); raise
+    return path
 
 # %% ../nbs/00_config.ipynb #3d698116
 @command

@@ -22,8 +22,8 @@ from torch import nn
 import matplotlib.pyplot as plt
 import mlflow
 from mlflow.exceptions import MlflowException
-from .config import Settings, DigitError, command, get_device
-from .data import load_cleaned, atomic_write, show_grid
+from .config import Settings, DigitError, command, get_device, atomic_write
+from .data import load_cleaned, show_grid
 from .tracking import connect_tracking, _tracking_error, shipped_notebook, run_notebook
 from .training import Probabilities, model_from_checkpoint, load_checkpoint
 

@@ -11,8 +11,7 @@ __all__ = ['SHIPPED', 'redact', 'move_credentials', 'connect_tracking', 'use_exp
 # %% ../nbs/04_tracking.ipynb #b108d49b
 import os, re, socket, subprocess, sys
 from pathlib import Path
-from .config import Settings, DigitError, env_name, find_root, tracking_uri
-from .data import atomic_write
+from .config import Settings, DigitError, env_name, find_root, tracking_uri, atomic_write
 
 # %% ../nbs/04_tracking.ipynb #584f0a71
 def redact(uri:str) -> str:

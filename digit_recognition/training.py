@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import tqdm.auto, tqdm.std
 from fastcore.docments import docments
 from .config import (Settings, DigitError, command, get_device, seed_everything, package_defaults,
-                                      typed)
-from .data import load_cleaned, atomic_write
+                                      typed, atomic_write)
+from .data import load_cleaned
 from .model import get_model
 from .tracking import (connect_tracking, _tracking_error, redact, git_commit, shipped_notebook,
                                         run_notebook, mark_stale_runs, use_experiment)
