@@ -14,7 +14,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN python -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md settings.ini constraints.txt ./
 COPY digit_recognition/ digit_recognition/
-RUN python -m pip install --quiet -c constraints.txt .
+RUN python -m pip install --quiet -c constraints.txt '.[train]'
 
 # --- runtime: the virtual environment (the package carries the notebooks papermill runs) and a non-root user ----
 FROM python:3.11-slim AS runtime

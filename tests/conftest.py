@@ -182,7 +182,7 @@ def shared_dir(tmp_path_factory, name):
 def checkpoint_dir(tmp_path_factory, data_ready):
     """A checkpoint good enough to read digits, trained once per session (`fit`, one epoch on 10,000 images: seconds;
     the first xdist worker to need it trains it, the others wait and share it); beside it 64 test images (images.npy)
-    and one as a file (digit.png). Read it, don't change it."""
+    and one as a file (digit.png), and the network as ONNX (model.onnx). Read it, don't change it."""
     from filelock import FileLock
     d = shared_dir(tmp_path_factory, 'checkpoint')
     with FileLock(f"{d}.lock"):
@@ -194,11 +194,12 @@ def _train_checkpoint(d):
     import numpy as np, torch
     from PIL import Image
     from digit_recognition.data import load_cleaned
-    from digit_recognition.model import get_model
-    from digit_recognition.training import fit, TrainParams
+    from digit_recognition.model import get_model, export_onnx
+    from digit_recognition.training import fit, TrainParams, Probabilities, model_from_checkpoint
     p = TrainParams(epochs=1, lr=0.01, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
     torch.manual_seed(42)
     fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
+    export_onnx(Probabilities(model_from_checkpoint(d/'best.pt')), d/'model.onnx')   # what a training run writes too
     x = load_cleaned(splits=('test',)).test[0]
     np.save(d/'images.npy', x[:64].squeeze(1).numpy())
     Image.fromarray(x[0, 0].numpy()).save(d/'digit.png')

@@ -36,7 +36,7 @@ def test_dockerfile():
     torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet torch torchvision --index-url) \$\(TORCH_INDEX\)',
                            make).group(1)
     assert f"{torch_line} https://download.pytorch.org/whl/cpu" in runs
-    assert 'python -m pip install --quiet -c constraints.txt .' in runs
+    assert "python -m pip install --quiet -c constraints.txt '.[train]'" in runs
     assert '$(BIN)/python -m pip install --quiet -c constraints.txt -e' in make
     ignore = (ROOT/'.dockerignore').read_text().split()
     assert {'.env', '.venv', 'data/', 'dataset_cleaned/', 'training_results/', 'mlflow.db', 'mlruns/'} <= set(ignore)
