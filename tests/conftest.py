@@ -63,7 +63,8 @@ def together(*calls):
 SERVER_GROUPS = {'mlflow-server-b': ('tests/test_secrets.py::',
                                      'tests/test_training_mlflow.py::test_killed_run_keeps_checkpoint_and_resumes'),
                  'mlflow-server-a': ('tests/test_training_mlflow.py::',
-                                     'tests/test_evaluation.py::test_registry_on_the_login_server')}
+                                     'tests/test_evaluation.py::test_registry_on_the_login_server',
+                                     'tests/test_client_venv.py::test_digit_predict_reads_a_model_logged_on_the_server')}
 
 
 def server_group(nodeid):
