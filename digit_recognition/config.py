@@ -87,6 +87,10 @@ min_accuracy = 0.99
 # Register a model that passes the gate (alias challenger; champion if it beats the current one).
 register = true
 batch_size = 1000
+
+[client]
+# digit-predict and the pad answer "not sure" when the model's calibrated probability for its best guess is below this.
+min_confidence = 0.7
 """
 
 # %% ../nbs/00_config.ipynb #853b9978
@@ -187,7 +191,7 @@ def tracking_uri(settings:Settings|None=None) -> str:
     return s.get('mlflow', 'tracking_uri') or f"sqlite:///{s.root/'mlflow.db'}"
 
 # %% ../nbs/00_config.ipynb #d1ca96f7
-def get_device(name:str='auto') -> 'torch.device':
+def get_device(name:str='auto'):
     "The torch device for `name`: 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda', 'cuda:1' or 'mps'."
     import torch     # here, not at the top: clients that only read images with ONNX Runtime never import torch
     if name == 'auto':

