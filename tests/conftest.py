@@ -57,34 +57,69 @@ def together(*calls):
         return [f.result() for f in futures]
 
 
-# The tests that use the session's MLflow server (`mlflow_server`, `server_run`), in two groups. Under pytest-xdist
-# (`make test` runs `-n 3` where it is installed) each group goes to one worker, which starts one server for it; the
-# first group also trains the tiny run (`server_run`) once and shares it.
-SERVER_GROUPS = {'mlflow-server-b': ('tests/test_secrets.py::',
-                                     'tests/test_training_mlflow.py::test_killed_run_keeps_checkpoint_and_resumes'),
-                 'mlflow-server-a': ('tests/test_training_mlflow.py::',
-                                     'tests/test_evaluation.py::test_registry_on_the_login_server',
-                                     'tests/test_client_venv.py::test_digit_predict_reads_a_model_logged_on_the_server')}
+# Under pytest-xdist (`make test` runs `-n 3` where it is installed) tests are dealt to the workers in units: a group
+# below goes to one worker as a whole, every other test is a unit of its own. A group holds the tests that share what
+# is expensive to make once per worker (a module fixture, an MLflow server): split, each worker would make it again.
+# The two MLflow-server groups each start one server; the first also trains the tiny run (`server_run`) and holds
+# every test that reads it.
+GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_recorded',
+                              'tests/test_training_mlflow.py::test_logged_model_predicts',
+                              'tests/test_training_mlflow.py::test_executed_notebook_and_no_secrets',
+                              'tests/test_training_mlflow.py::test_wrong_password_fails_fast_and_keeps_checkpoint',
+                              'tests/test_evaluation.py::test_registry_on_the_login_server',
+                              'tests/test_client_venv.py::'),                    # and its venv (client_venv)
+          'mlflow-server-b': ('tests/test_secrets.py::',
+                              'tests/test_training_mlflow.py::test_sweep_',
+                              'tests/test_training_mlflow.py::test_killed_run_keeps_checkpoint_and_resumes'),
+          'wheel': ('tests/test_wheel.py::',),                                          # the built wheel (installed)
+          'evaluation-local': ('tests/test_evaluation.py::test_registry_decisions',     # the three tiny models (local)
+                               'tests/test_evaluation.py::test_no_register_and_bad_model'),
+          'model-store': ('tests/test_model_safety.py::test_registered_model_is_weights_only',   # store
+                          'tests/test_model_safety.py::test_models_registered_before_the_change'),
+          'interrupted-run': ('tests/test_reliability.py::test_ctrl_c_is_one_line',     # interrupted
+                              'tests/test_reliability.py::test_resume_says_what_it_took_the_argument_for'),
+          'served-model': ('tests/test_client.py::test_predict_through_a_served_model',  # served
+                           'tests/test_client.py::test_served_model_checks_its_input')}
+SERVER_RUN_GROUP = 'mlflow-server-a'
+# The units that take longest (wall time under `make test`), longest first: they start first, so that none of them
+# is left running alone at the end. After them come the other tests marked slow, then the rest.
+LONGEST = ('mlflow-server-b', 'mlflow-server-a', 'tests/test_deployment.py::test_deployment_commands',
+           'evaluation-local', 'tests/test_evaluation.py::test_pipeline_reuses_current_stages', 'wheel', 'model-store',
+           'tests/test_client.py::test_each_kind_of_file')
 
 
-def server_group(nodeid):
-    "The server group of test `nodeid`, or None."
-    return next((g for g, ps in SERVER_GROUPS.items() if nodeid.startswith(ps)), None)
+def group_of(nodeid):
+    "The group of test `nodeid`, or None."
+    return next((g for g, ps in GROUPS.items() if nodeid.startswith(ps)), None)
 
 
 def pytest_collection_modifyitems(config, items):
-    "Keep SERVER_GROUPS honest: a test that uses the server elsewhere would start one more under xdist."
-    stray = [i.nodeid for i in items
-             if 'mlflow_server' in getattr(i, 'fixturenames', ()) and not server_group(i.nodeid)]
-    if stray: raise pytest.UsageError(f"tests/conftest.py: add these tests to SERVER_GROUPS: {stray}")
+    """Keep GROUPS honest: under xdist a test that uses the server outside a server group would start one more server,
+    and one that reads `server_run` outside its group would train it again. Under xdist, slow tests come first."""
+    uses = lambda i, f: f in getattr(i, 'fixturenames', ())
+    stray = [i.nodeid for i in items if uses(i, 'mlflow_server') and not (group_of(i.nodeid) or '').startswith(
+             'mlflow-server') or uses(i, 'server_run') and group_of(i.nodeid) != SERVER_RUN_GROUP]
+    if stray: raise pytest.UsageError(f"tests/conftest.py: put these tests in the right group of GROUPS: {stray}")
+    if hasattr(config, 'workerinput'): items.sort(key=lambda i: i.get_closest_marker('slow') is None)   # stable
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    "pytest-xdist: each server group on one worker, in order; every other test to whichever worker is free."
+    """pytest-xdist: each group on one worker; the LONGEST units first, then the others in collection order (slow tests
+    first); a worker gets its next unit only when it is down to its last test (the least a worker needs to go on), so
+    that the units left go to whichever worker is free first."""
     from xdist.scheduler import LoadScopeScheduling
     class Scheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid): return server_group(nodeid) or nodeid
+        def _split_scope(self, nodeid): return group_of(nodeid) or nodeid
+        def _assign_work_unit(self, node):
+            first = {u: i for i, u in enumerate(dict.fromkeys(map(self._split_scope, self.collection)))}
+            rank = lambda u: (LONGEST.index(u) if u in LONGEST else len(LONGEST), first[u])
+            self.workqueue.move_to_end(min(self.workqueue, key=rank), last=False)     # the unit xdist then pops
+            super()._assign_work_unit(node)
+        def _reschedule(self, node):                                                # xdist's, but `<= 1` (not 2)
+            if node.shutting_down: return
+            if not self.workqueue: node.shutdown(); return
+            if self._pending_of(self.assigned_work[node]) <= 1: self._assign_work_unit(node)
     return Scheduling(config, log)
 
 
@@ -95,9 +130,12 @@ def run_cli():
 
 
 @pytest.fixture(scope='session')
-def data_ready(run_cli):
-    "The project's dataset_cleaned/, built by `digit-data` (once per session; reused when current)."
-    run_cli('digit-data', check=0)
+def data_ready(tmp_path_factory, run_cli):
+    "The project's dataset_cleaned/, built by `digit-data` (reused when current) once per session, by the first worker."
+    from filelock import FileLock
+    done = shared_dir(tmp_path_factory, 'data-ready')
+    with FileLock(f"{done}.lock"):
+        if not done.exists(): run_cli('digit-data', check=0); done.touch()
 
 
 def wait_for_http(url, proc, log, seconds=180):
@@ -126,17 +164,25 @@ class Server(tuple):
 
 @pytest.fixture(scope='session')
 def mlflow_server(tmp_path_factory):
-    "A real MLflow tracking server with basic-auth login on 127.0.0.1, as DagsHub has; yields (uri, user, password)."
-    import secrets
+    """A real MLflow tracking server with basic-auth login on 127.0.0.1, as DagsHub has; yields (uri, user, password).
+    Its login config is MLflow's own with the credential cache on (`auth_cache_ttl_seconds`): a password that passed is
+    not hashed again on every request (scrypt, about 0.1 s of CPU each: minutes over the session); a wrong one still is.
+    """
+    import configparser, importlib.util, secrets
     d = tmp_path_factory.mktemp('mlflow-server')
     port, password = free_port(), secrets.token_urlsafe(16)
-    env = {**os.environ, 'MLFLOW_AUTH_ADMIN_PASSWORD': password,
-           'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16)}
+    auth = configparser.ConfigParser()
+    auth.read(Path(importlib.util.find_spec('mlflow').origin).parent/'server'/'auth'/'basic_auth.ini')
+    auth['mlflow']['auth_cache_ttl_seconds'] = '3600'
+    with open(d/'basic_auth.ini', 'w') as f: auth.write(f)
+    env = {**os.environ, 'MLFLOW_AUTH_ADMIN_PASSWORD': password, 'MLFLOW_AUTH_CONFIG_PATH': str(d/'basic_auth.ini'),
+           'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16),
+           'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}   # no job runner (GenAI jobs): a dozen processes less
     for k in ('MLFLOW_TRACKING_URI', 'MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
-    log = open(d/'server.log', 'w')
+    log = open(d/'server.log', 'w')      # one worker process: its threads serve the commands' requests at once
     proc = subprocess.Popen([str(BIN/'mlflow'), 'server', '--app-name', 'basic-auth', '--host', '127.0.0.1',
                              '--port', str(port), '--backend-store-uri', f"sqlite:///{d/'mlflow.db'}",
-                             '--artifacts-destination', str(d/'artifacts'), '--workers', '2'],
+                             '--artifacts-destination', str(d/'artifacts'), '--workers', '1'],
                             cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     wait_for_http(f"{uri}/health", proc, d/'server.log')
@@ -196,11 +242,13 @@ def _train_checkpoint(d):
     from PIL import Image
     from digit_recognition.data import load_cleaned
     from digit_recognition.model import get_model, export_onnx
-    from digit_recognition.training import fit, TrainParams, Probabilities, model_from_checkpoint
+    from digit_recognition.training import fit, TrainParams, calibrate_checkpoint, probabilities_from_checkpoint
     p = TrainParams(epochs=1, lr=0.01, augment=False, seed=42, device='cpu', max_train_samples=10000, patience=0)
     torch.manual_seed(42)
-    fit(get_model('cnn'), load_cleaned(splits=('train', 'val')), d, p)
-    export_onnx(Probabilities(model_from_checkpoint(d/'best.pt')), d/'model.onnx')   # what a training run writes too
+    data = load_cleaned(splits=('train', 'val'))
+    fit(get_model('cnn'), data, d, p)
+    calibrate_checkpoint(d/'best.pt', *data.val)                                     # as a training run does
+    export_onnx(probabilities_from_checkpoint(d/'best.pt'), d/'model.onnx')
     x = load_cleaned(splits=('test',)).test[0]
     np.save(d/'images.npy', x[:64].squeeze(1).numpy())
     Image.fromarray(x[0, 0].numpy()).save(d/'digit.png')

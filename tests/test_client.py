@@ -1,6 +1,7 @@
-"""The client with real files of each kind, `digit-predict`'s formats and exit codes, the drawing pad under Xvfb,
+"""The client with real files of each kind, non-digits answered "not sure", `digit-predict`'s formats and exit codes,
+ONNX Runtime and PyTorch giving the same answers (and the ONNX path importing no torch), the drawing pad under Xvfb,
 and `digit-predict --server` against a real `mlflow models serve`."""
-import csv, io, json, os, re, shutil, signal, subprocess, sys, time, urllib.error, urllib.request
+import csv, io, json, math, os, re, shutil, signal, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np
 import pytest
@@ -16,8 +17,12 @@ def model_dir(checkpoint_dir):
 
 @pytest.fixture(scope='module')
 def predictor(model_dir):
+    "The checkpoint's predictor, on ONNX Runtime (model.onnx is beside it), without a confidence threshold."
+    # the tiny model is not calibrated, and these tests are about reading digits: the threshold has tests of its own
     from digit_recognition.client import DigitPredictor
-    return DigitPredictor.load(str(model_dir/'best.pt'))
+    p = DigitPredictor.load(str(model_dir/'best.pt'), min_confidence=0)
+    assert p.backend == 'onnx'
+    return p
 
 
 @pytest.fixture(scope='module')
@@ -55,7 +60,7 @@ def files(tmp_path_factory, test_split, predictor):
     Image.new('L', (7000, 7000), 255).save(d/'huge.png'); expect['huge.png'] = 'over the limit'
     (d/'notes.png').write_text('this is not an image\n'); expect['notes.png'] = 'not a readable image'
     (d/'empty.png').write_bytes(b''); expect['empty.png'] = 'not a readable image'
-    Image.new('L', (100, 100), 230).save(d/'blank.png'); expect['blank.png'] = 'blank image (no ink found)'
+    Image.new('L', (100, 100), 230).save(d/'blank.png'); expect['blank.png'] = ('not sure', 'no ink')   # an answer
     frames = [Image.fromarray(255 - pick(test_split, predictor, k)) for k in (1, 4)]
     frames[0].save(d/'two_frames.gif', save_all=True, append_images=frames[1:])
     expect['two_frames.gif'] = 'has 2 frames'
@@ -72,6 +77,8 @@ def test_each_kind_of_file(files, predictor):
         if isinstance(want, int):
             assert r.ok and r.digit == want, f"{name}: {r}"
             assert 0 < r.probability <= 1 and len(r.top_k) == 3 and r.top_k[0] == (r.digit, r.probability)
+        elif isinstance(want, tuple):
+            assert r.ok and r.unsure and r.digit is None and r.reason == want[1], f"{name}: {r}"
         else:
             assert not r.ok and want in r.error and '\n' not in r.error, f"{name}: {r}"
 
@@ -96,7 +103,7 @@ def test_photos_read_as_well_as_mnist(predictor, test_split):
     got = predictor.predict(photos)
     acc = np.mean([r.ok and r.digit == t for r, t in zip(got, y[:n])])
     assert acc >= clean - 0.01, (acc, clean)
-    through = np.mean([r.digit == t for r, t in zip(predictor.predict(list(x[:n])), y[:n])])
+    through = np.mean([r.top_k[0][0] == t for r, t in zip(predictor.predict(list(x[:n])), y[:n])])
     assert through == clean, (through, clean)    # MNIST digits come through to_mnist as they are
 
 
@@ -109,28 +116,126 @@ def test_cli_formats_and_exit_codes(files, model_dir, tmp_path):
     d, expect = files
     ck = model_dir/'best.pt'
     good = [d/'three.png', d/'seven_photo.jpg']
-    r = run(*good, '--model', ck)
+    r = run(*good, '--model', ck, '--min-confidence', '0')
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ['file', 'digit', 'confidence', 'top-k'] and len(lines) == 3
     assert re.search(r'three\.png\s+3\s+\d+\.\d%', r.stdout) and re.search(r'seven_photo\.jpg\s+7', r.stdout)
-    r = run(d/'*.png', '--model', ck, '--format', 'json', '--top-k', '2')
-    assert r.returncode == 1 and r.stderr.strip().startswith('error: 4 of 8 inputs could not be read')
+    r = run(d/'*.png', '--model', ck, '--format', 'json', '--top-k', '2', '--min-confidence', '0')
+    assert r.returncode == 1 and r.stderr.strip().startswith('error: 3 of 8 inputs could not be read')
     rows = {Path(x['source']).name: x for x in json.loads(r.stdout)}
     assert (rows['three.png']['digit'] == 3 and len(rows['three.png']['top_k']) == 2
             and 'not a readable image' in rows['notes.png']['error'])
+    blank = rows['blank.png']
+    assert (blank['digit'], blank['reason'], blank['error']) == (None, 'no ink', None)
     out = tmp_path/'out.csv'
-    r = run(d, '--model', ck, '--format', 'csv', '--output', out, '--save-annotated', tmp_path/'annotated')
+    r = run(d, '--model', ck, '--format', 'csv', '--output', out, '--save-annotated', tmp_path/'annotated',
+            '--min-confidence', '0')
     assert r.returncode == 1 and r.stdout == ''
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == len(expect) and ({x['file'] for x in rows if x['error']}
                                          == {str(d/k) for k, v in expect.items() if isinstance(v, str)})
+    assert {x['file']: (x['digit'], x['reason']) for x in rows if x['reason']} == {str(d/'blank.png'): ('', 'no ink')}
     ann = sorted(p.name for p in (tmp_path/'annotated').iterdir())
-    assert 'three-3.png' in ann and len(ann) == sum(isinstance(v, int) for v in expect.values())
+    assert 'three-3.png' in ann and 'blank-unsure.png' in ann
+    assert len(ann) == sum(not isinstance(v, str) for v in expect.values())
     r = run(tmp_path/'nothing-here', '--model', ck)
     assert r.returncode == 1 and 'no such file' in r.stdout + r.stderr
     r = run(d/'three.png', '--model', tmp_path/'missing.pt')
     assert r.returncode == 1 and r.stderr.strip().startswith("error: model: ") and 'Traceback' not in r.stderr
+
+
+def paper(rng, w=200, h=200):
+    "A grey page lit from one side, with grain."
+    xx = np.mgrid[0:h, 0:w][1]
+    return Image.fromarray(np.clip(220 - 30*xx/w + rng.normal(0, 3, (h, w)), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope='module')
+def non_digits(tmp_path_factory):
+    "Real files that are not one digit, two or more for each reason the ink gives: {file name: reason}."
+    from PIL import ImageDraw, ImageFont
+    d, rng, expect = tmp_path_factory.mktemp('non-digits'), np.random.default_rng(0), {}
+    def put(name, im, reason): im.save(d/name); expect[name] = reason
+    put('white.png', Image.new('L', (120, 90), 255), 'no ink')
+    put('paper.jpg', paper(rng), 'no ink')
+    im = paper(rng); ImageDraw.Draw(im).ellipse([100, 100, 104, 104], fill=30); put('dot.png', im, 'too little ink')
+    im = paper(rng, 300); ImageDraw.Draw(im).line([40, 150, 48, 150], fill=30, width=3)
+    put('dash.jpg', im, 'too little ink')
+    put('noise.png', Image.fromarray(rng.integers(0, 256, (150, 150)).astype(np.uint8)), 'too much ink')
+    xx = np.mgrid[0:150, 0:150][1]
+    stripes = np.clip(140 + 60*np.sin(xx/3.0) + rng.normal(0, 10, (150, 150)), 0, 255).astype(np.uint8)
+    put('stripes.jpg', Image.fromarray(stripes), 'too much ink')
+    im = paper(rng); dr = ImageDraw.Draw(im)
+    dr.line([60, 40, 60, 160], fill=30, width=10); dr.line([140, 40, 140, 160], fill=30, width=10)
+    put('eleven.png', im, 'several separate shapes')
+    im = paper(rng); dr = ImageDraw.Draw(im)
+    dr.line([50, 80, 150, 80], fill=30, width=10); dr.line([50, 120, 150, 120], fill=30, width=10)
+    put('equals.png', im, 'several separate shapes')
+    im = paper(rng, 240, 140); ImageDraw.Draw(im).text((30, 10), 'ab', fill=20, font=ImageFont.load_default(size=90))
+    put('word.jpg', im, 'several separate shapes')
+    return d, expect
+
+
+def test_non_digits_are_answered_not_sure(non_digits, files, model_dir, predictor):
+    "Each reason of the ink, and a probability under --min-confidence: `?` and the reason, no digit, exit status 0."
+    d, expect = non_digits
+    ck = model_dir/'best.pt'
+    digits = {k: v for k, v in files[1].items() if isinstance(v, int)}
+    got = {Path(r.source).name: r for r in predictor.predict([files[0]/k for k in digits])}
+    name = min(got, key=lambda k: got[k].probability)                # the digit the model is least sure of
+    low, p = files[0]/name, got[name].probability
+    assert got[name].digit == digits[name] and p < 1, got[name]
+    above = f"{math.floor(p*1e4)/1e4 + 1e-4:g}"                      # a threshold just above its probability
+    r = run(d, low, '--model', ck, '--min-confidence', above)
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    table = {Path(l.split()[0]).name: l for l in r.stdout.splitlines()[1:]}
+    assert set(table) == set(expect) | {name}
+    for k, reason in expect.items():
+        assert re.fullmatch(rf'\S+\s+\?\s+.*not sure: {reason}', table[k]), table[k]
+    assert re.search(rf'\s\?\s+\d+\.\d%\s+{digits[name]}:.*not sure: low confidence '
+                     rf'\(\d\.\d\d < {re.escape(above)}\)$', table[name]), table[name]
+    r = run(d, low, '--model', ck, '--min-confidence', above, '--format', 'json')
+    assert r.returncode == 0, r.stderr
+    rows = {Path(x['source']).name: x for x in json.loads(r.stdout)}
+    assert {k: (x['digit'], x['reason'], x['error']) for k, x in rows.items() if k in expect} == {
+        k: (None, v, None) for k, v in expect.items()}
+    assert rows[name]['digit'] is None and rows[name]['reason'].startswith('low confidence (')
+    assert rows[name]['top_k'][0][0] == digits[name] and rows['white.png']['top_k'] == []   # the model ran / did not
+    out = d.parent/'non-digits.csv'
+    r = run(d, low, '--model', ck, '--format', 'csv', '--output', out, env={'DIGIT_CLIENT_MIN_CONFIDENCE': above})
+    assert r.returncode == 0 and r.stdout == '', r.stderr                   # the setting, from the environment
+    rows = {Path(x['file']).name: x for x in csv.DictReader(io.StringIO(out.read_text()))}
+    assert {k: (x['digit'], x['reason']) for k, x in rows.items()} == {
+        **{k: ('', v) for k, v in expect.items()}, name: ('', rows[name]['reason'])}
+    assert rows[name]['reason'].startswith('low confidence') and rows[name]['top_k'].startswith(f"{digits[name]}:")
+    r = run(low, '--model', ck, '--min-confidence', '0', '--format', 'csv')
+    assert r.returncode == 0 and r.stdout.splitlines()[1].split(',')[1:2] == [str(digits[name])], r.stdout
+
+
+def test_onnx_and_torch_give_the_same_answers(model_dir, predictor, test_split):
+    "The same checkpoint on ONNX Runtime and on PyTorch: top-1 identical, probabilities within 1e-4."
+    from digit_recognition.client import DigitPredictor
+    torch_predictor = DigitPredictor.load(str(model_dir/'best.pt'), backend='torch', min_confidence=0)
+    assert torch_predictor.backend == 'torch'
+    x = test_split[0][:2000]
+    po, pt = predictor.probabilities(x), torch_predictor.probabilities(x)
+    assert (po.argmax(1) == pt.argmax(1)).all() and np.abs(po - pt).max() <= 1e-4, np.abs(po - pt).max()
+
+
+def test_the_onnx_path_imports_no_training_stack(model_dir):
+    "The client on ONNX Runtime imports no torch, MLflow, or data / training / evaluation modules (they import torch)."
+    code = f"""
+import sys
+from digit_recognition.client import DigitPredictor
+r = DigitPredictor.load({str(model_dir/'best.pt')!r}).predict({str(model_dir/'digit.png')!r})
+assert r.ok and r.top_k, r
+heavy = {{'torch', 'torchvision', 'mlflow', 'matplotlib', 'pandas',
+         'digit_recognition.data', 'digit_recognition.training', 'digit_recognition.evaluation'}}
+print(sorted(heavy & set(sys.modules)))
+"""
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
 
 
 def children(pid:int) -> list:
@@ -218,6 +323,14 @@ def test_drawing_pad(display, predictor, tmp_path, monkeypatch):
             c.event_generate('<B1-Motion>', x=int(140 + 60*np.sin(t)), y=int(140 - 90*np.cos(t)))
         c.event_generate('<ButtonRelease-1>', x=140, y=50); root.update()
         assert pad.prediction.digit == 0, root.title()
+        pad.clear(); root.update()
+        for x in (80, 200):                                               # two strokes apart: not one digit
+            c.event_generate('<ButtonPress-1>', x=x, y=60)
+            for y in range(70, 221, 10): c.event_generate('<B1-Motion>', x=x, y=y)
+            c.event_generate('<ButtonRelease-1>', x=x, y=220)
+        root.update()
+        assert root.title() == 'digit-client: not sure: several separate shapes', root.title()
+        assert pad.prediction.digit is None and pad.save().name.startswith('digit-unsure-')
     finally: root.destroy()
 
 
@@ -304,7 +417,7 @@ def test_predict_through_a_served_model(served, files, predictor):
     url, env = served
     d, expect = files
     good = [d/k for k, v in expect.items() if isinstance(v, int)]
-    r = run(*good, '--server', url, '--format', 'json', env=env)
+    r = run(*good, '--server', url, '--format', 'json', '--min-confidence', '0', env=env)
     assert r.returncode == 0, r.stderr
     remote = {Path(x['source']).name: x for x in json.loads(r.stdout)}
     local = {Path(x.source).name: x for x in predictor.predict(good)}
@@ -312,7 +425,7 @@ def test_predict_through_a_served_model(served, files, predictor):
         assert remote[k]['digit'] == local[k].digit == expect[k]
         assert remote[k]['probability'] == pytest.approx(local[k].probability, abs=1e-4)
     # The default model is the registry's champion.
-    r = run(d/'three.png', '--format', 'csv', env=env)
+    r = run(d/'three.png', '--format', 'csv', '--min-confidence', '0', env=env)
     assert r.returncode == 0 and r.stdout.splitlines()[1].split(',')[1] == '3', r.stderr
     r = run(d/'three.png', '--server', f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 1 and 'cannot be reached' in r.stderr and 'Traceback' not in r.stderr
