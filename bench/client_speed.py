@@ -10,6 +10,8 @@
                 checkpoint (ONNX Runtime) and without it (PyTorch)
   start-up      `import digit_recognition.client` in a fresh Python, and which heavy modules a prediction on ONNX
                 Runtime imports (none of torch, MLflow, scipy, or the data / training / evaluation modules)
+  client venv   a fresh virtual environment with `pip install 'digit-recognition[client]'` from the package index
+                (no torch): its size on disk (target: at most 400 MB) and `digit-predict` over the 1,000 files there
 
     python bench/client_speed.py                          # the registry's champion (its run's checkpoint)
     python bench/client_speed.py --model training_results/<run id>/best.pt --photos 2000
@@ -54,9 +56,9 @@ def one_image_ms(pred, f, calls:int) -> float:
     return 1000*statistics.median(times)
 
 
-def command_seconds(folder:Path, model:Path, out:Path, repeats:int) -> list:
-    "Wall seconds of `digit-predict folder --model model`, each a fresh process."
-    cmd = [str(Path(sys.executable).parent/'digit-predict'), str(folder), '--model', str(model), '--format', 'csv',
+def command_seconds(folder:Path, model:Path, out:Path, repeats:int, bin_dir:Path=Path(sys.executable).parent) -> list:
+    "Wall seconds of `digit-predict folder --model model` (the one in `bin_dir`), each a fresh process."
+    cmd = [str(bin_dir/'digit-predict'), str(folder), '--model', str(model), '--format', 'csv',
            '--output', str(out)]
     walls = []
     for _ in range(repeats):
@@ -64,6 +66,19 @@ def command_seconds(folder:Path, model:Path, out:Path, repeats:int) -> list:
         walls.append(time.perf_counter() - t)
         if r.returncode: sys.exit(f"digit-predict failed: {r.stderr.strip()[-500:]}")
     return walls
+
+
+def client_venv(d:Path) -> tuple:
+    "`(folder, MB on disk)` of a fresh venv with this project's wheel and its `[client]` extra from the package index."
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', d/'dist',
+                    root], check=True, capture_output=True)
+    whl = next((d/'dist').glob('digit_recognition-*.whl'))
+    subprocess.run([sys.executable, '-m', 'venv', d/'venv'], check=True)
+    subprocess.run([d/'venv'/'bin'/'python', '-m', 'pip', 'install', '-q', '--disable-pip-version-check',
+                    f"{whl}[client]"], check=True, capture_output=True)
+    mb = sum(f.stat().st_size for f in (d/'venv').rglob('*') if f.is_file() and not f.is_symlink())/2**20
+    return d/'venv', mb
 
 
 def startup(model:Path, image:Path) -> tuple:
@@ -86,6 +101,8 @@ def main():
     ap.add_argument('--files', type=int, default=1000, help="PNG files for digit-predict (default: %(default)s)")
     ap.add_argument('--calls', type=int, default=200, help="timed one-image calls (default: %(default)s)")
     ap.add_argument('--repeats', type=int, default=3, help="runs of each digit-predict command (default: %(default)s)")
+    ap.add_argument('--client-venv', action=argparse.BooleanOptionalAction, default=True,
+                    help="build a client-only venv from the package index and measure it (default: yes)")
     ap.add_argument('--quick', action='store_true', help="smoke run (100 photos, 50 files, 20 calls, 1 repeat) "
                     "written to bench/results/client_speed-quick.*")
     a = ap.parse_args()
@@ -136,6 +153,16 @@ def main():
         rows.append(('import digit_recognition.client (fresh Python)', f"{1000*import_s:.0f} ms",
                      f"heavy modules after a prediction: {', '.join(heavy) or 'none'}", 'no torch',
                      'met' if 'torch' not in heavy else 'NOT met'))
+        venv_mb = walls_v = None
+        if a.client_venv:
+            venv_dir, venv_mb = client_venv(d/'client')
+            walls_v = command_seconds(files, onnx_dir/'model.onnx', d/'out.csv', a.repeats, venv_dir/'bin')
+            rows += [("client-only venv (`pip install 'digit-recognition[client]'`, no torch)", f"{venv_mb:.0f} MB",
+                      '', 'at most 400 MB', 'met' if venv_mb <= 400 else 'NOT met'),
+                     (f'digit-predict over {a.files:,} PNG files, in the client-only venv',
+                      f"{statistics.median(walls_v):.2f} s (whole command; runs: {runs(walls_v)} s)",
+                      f"{a.files/statistics.median(walls_v):,.0f} files/s", 'at most 3 s',
+                      'met' if statistics.median(walls_v) <= 3 else 'NOT met')]
     source = a.model or 'the champion'
     print(f"model {source} (loaded in {load_s:.2f} s on ONNX Runtime, {load_t:.2f} s on PyTorch)\n")
     cols = ['measure', 'result', 'difference / rate', 'target', 'status']
@@ -148,6 +175,8 @@ def main():
                 files=a.files, predict_folder_seconds=round(wall, 2), predict_folder_runs=[round(s, 2) for s in walls],
                 predict_folder_seconds_torch=round(wall_t, 2), files_per_second=round(a.files/wall),
                 import_client_ms=round(1000*import_s), heavy_modules_onnx=heavy,
+                client_venv_mb=venv_mb and round(venv_mb),
+                predict_folder_seconds_client_venv=walls_v and round(statistics.median(walls_v), 2),
                 targets_met=sum(r[-1] == 'met' for r in rows), targets=sum(r[-1] != '' for r in rows))
     calibrated = f"calibrated, temperature {temperature:.3f}" if temperature else "no temperature: not calibrated"
     notes = [f"model {source} ({calibrated}): ONNX Runtime from the run folder's model.onnx, PyTorch from the same "

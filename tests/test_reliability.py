@@ -40,25 +40,35 @@ def test_parallel_first_runs_on_a_new_store(tmp_path):
     assert len(runs_in(tmp_path)) == 3
 
 
-@pytest.mark.slow
-def test_ctrl_c_is_one_line(tmp_path, data_ready):
-    "Ctrl-C in a terminal (SIGINT to the foreground process group) during training: one line, exit 130, run KILLED."
-    env = {**os.environ, **{k: v for k, v in local_env(tmp_path).items() if v}}
+@pytest.fixture(scope='module')
+def interrupted(tmp_path_factory, data_ready):
+    """Ctrl-C in a terminal (SIGINT to the foreground process group) while `digit-train` trains (4 epochs, on a new
+    local store), once its first epoch's checkpoint is written: `(returncode, stderr, folder)`. Its run, KILLED with
+    last.pt, is also the one the --resume test resumes, so that test trains nothing of its own."""
+    d = tmp_path_factory.mktemp('interrupted')
+    env = {**os.environ, **{k: v for k, v in local_env(d).items() if v}}
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
     p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '8000'], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          preexec_fn=as_in_a_terminal)
     deadline = time.time() + 240
-    while not list((tmp_path/'results').glob('*/last.pt')) and time.time() < deadline and p.poll() is None:
+    while not list((d/'results').glob('*/last.pt')) and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
     time.sleep(1)
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err[-3000:]
+    return p.returncode, err, d
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line(interrupted):
+    "Ctrl-C during training: one line, exit 130, the run KILLED."
+    returncode, err, d = interrupted
+    assert returncode == 130, err[-3000:]
     assert 'Traceback' not in err and 'ZMQError' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
-    rid = next((tmp_path/'results').glob('*/last.pt')).parent.name
+    rid = next((d/'results').glob('*/last.pt')).parent.name
     assert err.strip().splitlines()[-1].startswith('interrupted;') and f'digit-train --resume {rid}' in err
-    (run,) = runs_in(tmp_path)
+    (run,) = runs_in(d)
     assert run.info.run_id == rid and run.info.status == 'KILLED'
 
 
@@ -77,22 +87,25 @@ def test_damaged_dataset_and_bad_values_fail_before_a_run(tmp_path, run_cli, dat
 
 
 @pytest.mark.slow
-def test_resume_says_what_it_took_the_argument_for(tmp_path, run_cli, data_ready):
-    env = local_env(tmp_path)
+def test_resume_says_what_it_took_the_argument_for(tmp_path, run_cli, interrupted):
+    "A file that is no checkpoint, a run the tracking server does not have, flags that contradict the run's plan."
+    *_, d = interrupted
+    env = local_env(d)
+    rid = next((d/'results').glob('*/last.pt')).parent.name           # the interrupted run: 4 epochs, lr 0.02
     notes = tmp_path/'notes.pt'; notes.write_text('not a checkpoint')
-    r, trained = together(lambda: run_cli('digit-train', '--resume', notes, env=env, check=1),
-                          lambda: run_cli('digit-train', *TINY, '--quiet', env=env, check=0))
+    other = tmp_path/'elsewhere'
+    r, r2, r3 = together(lambda: run_cli('digit-train', '--resume', notes, env=env, check=1),
+                         lambda: run_cli('digit-train', '--resume', d/'results'/rid, check=1,
+                                         env={**env, 'MLFLOW_TRACKING_URI': f"sqlite:///{other}.db"}),
+                         lambda: run_cli('digit-train', '--resume', rid, '--epochs', '2', '--lr', '0.5', env=env,
+                                         check=1))
     assert r.stderr.strip() == (f"error: resume: '{notes}' was taken for the checkpoint {notes}, "
                                 "but not a readable checkpoint (UnpicklingError)")
-    rid = trained.stdout.split()[1].rstrip(':')
-    other = tmp_path/'elsewhere'
-    r, r2 = together(lambda: run_cli('digit-train', '--resume', tmp_path/'results'/rid, check=1,
-                                     env={**env, 'MLFLOW_TRACKING_URI': f"sqlite:///{other}.db"}),
-                     lambda: run_cli('digit-train', '--resume', rid, '--epochs', '4', '--lr', '0.5', env=env, check=1))
-    assert r.stderr.strip().splitlines()[-1].startswith(
-        f"error: resume: '{tmp_path/'results'/rid}' is a checkpoint of run {rid}, which the tracking server")
-    assert 'Traceback' not in r.stderr
-    r = r2
-    assert r.stderr.strip().splitlines()[-1] == (
-        "error: resume: --epochs 4 (the run has 1), --lr 0.5 (the run has 0.02): a resumed run "
+    assert r2.stderr.strip().splitlines()[-1].startswith(
+        f"error: resume: '{d/'results'/rid}' is a checkpoint of run {rid}, which the tracking server")
+    assert 'Traceback' not in r2.stderr
+    assert r3.stderr.strip().splitlines()[-1] == (
+        "error: resume: --epochs 2 (the run has 4), --lr 0.5 (the run has 0.02): a resumed run "
         "continues as it was planned; leave these out, or start a new run to change them")
+    (run,) = runs_in(d)                                                 # and nothing started
+    assert run.info.status == 'KILLED'

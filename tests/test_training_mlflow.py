@@ -1,6 +1,6 @@
 """`digit-train` and `digit-sweep` against a real MLflow server with login: what lands there, and what happens when
 it can't."""
-import json, re
+import csv, json, re
 from pathlib import Path
 import numpy as np
 import pytest
@@ -44,6 +44,13 @@ def test_run_is_recorded(trained, client):
     nb = [a.path for a in client.list_artifacts(rid, 'notebook')]
     assert nb == [f'notebook/{rid}.ipynb']
     assert (results/rid/'best.pt').is_file() and (results/rid/'last.pt').is_file()
+    # calibrated after training: the temperature is in best.pt and logged with the validation ECE before and after
+    import torch
+    ck = torch.load(results/rid/'best.pt', weights_only=True)
+    met = run.data.metrics
+    assert 0.05 <= ck['temperature'] <= 20 and met['temperature'] == pytest.approx(ck['temperature'])
+    assert 0 <= met['val_ece'] <= 1 and 0 <= met['val_ece_uncalibrated'] <= 1
+    assert (results/rid/'model.onnx').is_file()
 
 
 @pytest.mark.slow
@@ -64,6 +71,19 @@ def test_logged_model_predicts(trained, client):
     pf = mlflow.pyfunc.load_model(f"runs:/{rid}/model")     # what `mlflow models serve` runs: a batch of 28x28 arrays
     q = np.asarray(pf.predict(x[:5, 0].numpy().astype(np.float32)/255))
     assert q.shape == (5, 10) and np.allclose(q, p[:5].numpy(), atol=1e-5)
+    # calibrated: what the pyfunc and the checkpoint's loader return is softmax(logits/T), T from best.pt
+    from digit_recognition.training import model_from_checkpoint
+    ck = trained[1]/rid/'best.pt'
+    t = torch.load(ck, weights_only=True)['temperature']
+    with torch.no_grad(): want = torch.softmax(model_from_checkpoint(ck)(x[:5].float()/255)/t, dim=1).numpy()
+    assert np.allclose(q, want, atol=1e-5)
+    # the ONNX file is inside the logged model, beside the checkpoint, and ONNX Runtime agrees with the pyfunc
+    import onnxruntime as ort
+    d = Path(mlflow.artifacts.download_artifacts(f"runs:/{rid}/model"))
+    assert (d/'artifacts'/'best.pt').is_file() and (d/'artifacts'/'model.onnx').is_file()
+    sess = ort.InferenceSession(str(d/'artifacts'/'model.onnx'), providers=['CPUExecutionProvider'])
+    o = sess.run(['probabilities'], {'images': x[:200, 0].numpy().astype(np.float32)/255})[0]
+    assert (o.argmax(1) == p.argmax(1).numpy()).all() and np.abs(o - p.numpy()).max() <= 1e-4
 
 
 @pytest.mark.slow
@@ -84,43 +104,45 @@ def test_executed_notebook_and_no_secrets(trained, client, mlflow_server, tmp_pa
 
 
 @pytest.fixture(scope='module')
-def sweeps(tmp_path_factory, mlflow_server, run_cli, data_ready):
-    """This module's two sweeps, run at the same time against the server (each with its own results folder):
-    `{'ok': (completed_process, results), 'failing': (completed_process, results)}`."""
-    ok, failing = tmp_path_factory.mktemp('sweep-ok'), tmp_path_factory.mktemp('sweep-failing')
-    r_ok, r_failing = together(
-        lambda: run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'model=cnn', '--jobs', '2', '--epochs', '1',
-                        '--max-train-samples', '600', '--no-augment', env=server_env(mlflow_server, ok), check=0),
-        lambda: run_cli('digit-sweep', '--grid', 'optimizer=adamw,lion', '--epochs', '1', '--max-train-samples', '300',
-                        env=server_env(mlflow_server, failing)))
-    return {'ok': (r_ok, ok), 'failing': (r_failing, failing)}
+def sweep(tmp_path_factory, mlflow_server, run_cli, data_ready):
+    """This module's sweep against the server: two learning rates x two optimizers, two runs at a time. 'lion' is not
+    an optimizer: its two children fail (before a run or a kernel exists), the two 'adamw' ones finish. One sweep for
+    the parent-and-children tests and the failed-child test: `(completed_process, results)`."""
+    results = tmp_path_factory.mktemp('sweep')
+    r = run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'optimizer=adamw,lion', '--jobs', '2',
+                '--epochs', '1', '--max-train-samples', '600', '--no-augment', env=server_env(mlflow_server, results))
+    return r, results
 
 
 @pytest.mark.slow
-def test_sweep_parent_and_children(sweeps, client, tmp_path):
-    r, _ = sweeps['ok']
-    pid = re.search(r'^sweep ([0-9a-f]{32}):', r.stdout, re.M).group(1)
+def test_sweep_parent_and_children(sweep, client, tmp_path):
+    r, _ = sweep
+    pid = re.search(r'^sweep ([0-9a-f]{32}):', r.stdout, re.M)
+    assert pid, r.stdout[-3000:] + r.stderr[-3000:]
+    pid = pid.group(1)
     parent = client.get_run(pid)
     exp = parent.info.experiment_id
-    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{pid}'")
-    assert sorted(c.data.params['lr'] for c in children) == ['0.003', '0.03']
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{pid}'")     # lion's never started
+    assert sorted((c.data.params['lr'], c.data.params['optimizer']) for c in children) == [('0.003', 'adamw'),
+                                                                                          ('0.03', 'adamw')]
     assert all(c.info.status == 'FINISHED' and c.data.params['epochs'] == '1' for c in children)
     local = Path(client.download_artifacts(pid, 'comparison.csv', str(tmp_path)))
-    rows = local.read_text().splitlines()
-    assert rows[0].startswith('lr,model,status,best_val_accuracy')
-    accs = [float(l.split(',')[3]) for l in rows[1:]]
-    assert len(accs) == 2 and accs == sorted(accs, reverse=True)
+    header, *rows = csv.reader(local.read_text().splitlines())
+    assert header[:4] == ['lr', 'optimizer', 'status', 'best_val_accuracy']
+    assert [row[2] for row in rows] == ['ok', 'ok', 'failed', 'failed']            # best first, failed runs last
+    accs = [float(row[3]) for row in rows[:2]]
+    assert accs == sorted(accs, reverse=True)
     assert {a.path for a in client.list_artifacts(pid)} >= {'comparison.csv', 'comparison.md', 'comparison.png'}
     best = max(children, key=lambda c: c.data.metrics['best_val_accuracy'])
     assert parent.data.tags['best_run_id'] == best.info.run_id
 
 
 @pytest.mark.slow
-def test_sweep_failed_child_does_not_stop_others(sweeps):
-    r, _ = sweeps['failing']
-    assert r.returncode == 1 and "optimizer: unknown 'lion'" in r.stdout
-    assert r.stderr.strip().splitlines()[-1] == 'error: 1 of 2 runs failed (see the table above)'
-    assert re.search(r'\| adamw \| ok \| 0\.\d{4} \|', r.stdout)
+def test_sweep_failed_child_does_not_stop_others(sweep):
+    r, _ = sweep
+    assert r.returncode == 1 and r.stdout.count("FAILED: optimizer: unknown 'lion'") == 2, r.stdout[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == 'error: 2 of 4 runs failed (see the table above)'
+    assert len(re.findall(r'^\| 0\.0(03|3) \| adamw \| ok \| 0\.\d{4} \|', r.stdout, re.M)) == 2, r.stdout[-3000:]
 
 
 @pytest.mark.slow
