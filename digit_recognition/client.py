@@ -10,13 +10,14 @@ __all__ = ['Prediction', 'ServedModel', 'OnnxModel', 'run_model', 'open_model', 
            'digit_client', 'show_prediction', 'upload_widget']
 
 # %% ../nbs/07_client.ipynb #321072c2
-import argparse, csv, glob, io, json, math, os, re, signal, sys, time
+import argparse, csv, glob, io, json, math, os, signal, sys, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .config import Settings, DigitError, command, atomic_write
 from .images import IMAGE_SUFFIXES, to_gray, to_mnist_checked, _name
+from .tracking import RUN_ID
 
 # %% ../nbs/07_client.ipynb #c036f22b
 @dataclass
@@ -88,8 +89,6 @@ def run_model(model,           # an `OnnxModel`, `ServedModel`, any such callabl
     with torch.no_grad(): return model(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev)).cpu().numpy()
 
 # %% ../nbs/07_client.ipynb #beb4c801
-_RUN_ID = re.compile(r'^[0-9a-f]{32}$')
-
 def _installed(module:str) -> bool:
     "Whether `module` can be imported here (found without importing it)."
     import importlib.util
@@ -138,7 +137,7 @@ def open_model(source:str,           # an .onnx file, checkpoint, run folder, ru
         if not p.is_file(): raise DigitError(f"model: {source}: no such file")
         if backend == 'torch': raise DigitError(f"model: {source} is an ONNX file; PyTorch cannot run it")
         return OnnxModel(p)
-    if p.exists() or _RUN_ID.match(source):
+    if p.exists() or RUN_ID.match(source):
         run = (p if p.is_dir() else p.parent) if p.exists() else s.path('paths', 'results_dir')/source
         beside = p.is_dir() or p.suffix == '.pt' or not p.exists()       # a run folder, a checkpoint, a run id
         if onnx and beside and (run/'model.onnx').is_file(): return OnnxModel(run/'model.onnx')
