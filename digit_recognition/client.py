@@ -220,12 +220,13 @@ class DigitPredictor:
     def predict(self,
                 inputs,          # one input or a list: paths, PIL images or arrays (any size, grey, RGB or RGBA)
                 top_k:int=3,     # how many candidates each `Prediction` lists
+                names:list|None=None,  # what to call each input in answers and errors (default: its path or type)
                ):                # one `Prediction` for one input, else a list of them
         "Read the digit in each input (`images.to_mnist_checked`), or say why not (`reason`, or `error` if unreadable)."
         single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3
                                                                 and inputs.shape[-1] not in (3, 4))
         items = [inputs] if single else list(inputs)
-        names = [_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
+        names = names or [_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
         workers = min(os.cpu_count() or 1, 8) if len(items) >= 200 else 1
         if workers > 1 and all(isinstance(x, (str, Path)) for x in items):
             # many files: read and preprocess them on every core (forked workers share the loaded code). A Ctrl-C in a

@@ -92,6 +92,22 @@ batch_size = 1000
 [client]
 # digit-predict and the pad answer "not sure" when the model's calibrated probability for its best guess is below this.
 min_confidence = 0.7
+
+[serve]
+# digit-serve: the model it answers with; empty = models:/<registered_model>@champion (followed when it moves).
+model =
+host = 127.0.0.1
+port = 8000
+workers = 1
+# Seconds between two looks at the registry alias for a new version (0: never).
+reload_seconds = 30
+# Log every request (uvicorn's access log).
+access_log = true
+# The most bytes in one image file, the most pixels in one image (read from its header, before decoding), and the
+# most images in one /predict/batch request.
+max_bytes = 5000000
+max_pixels = 25000000
+max_batch = 32
 """
 
 # %% ../nbs/00_config.ipynb #853b9978

@@ -83,8 +83,10 @@ def _pil_to_gray(im:Image.Image, name:str, notes:list) -> np.ndarray:
 # %% ../nbs/01_images.ipynb #0ef6dd5e
 def _to_gray(x, name:str, notes:list) -> np.ndarray:
     "`to_gray`, appending to `notes` what was done ('converted_to_grayscale')."
-    if isinstance(x, (str, Path)):
-        if not Path(x).is_file(): raise BadImage(name, 'missing', "no such file")
+    if isinstance(x, (bytes, bytearray, memoryview)): x = io.BytesIO(x)        # a file's content (an upload)
+    if isinstance(x, (str, Path, io.IOBase)):
+        if isinstance(x, (str, Path)) and not Path(x).is_file(): raise BadImage(name, 'missing', "no such file")
+        if isinstance(x, io.BytesIO) and not x.getbuffer().nbytes: raise BadImage(name, 'unreadable', "empty file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # MAX_PIXELS is lower, checked next
@@ -113,7 +115,7 @@ def _to_gray(x, name:str, notes:list) -> np.ndarray:
     return np.clip(a, 0, 255)
 
 def to_gray(x, name:str|None=None) -> np.ndarray:
-    "A float32 grey image (0..255) from a path, a PIL image or an array (grey, RGB or RGBA; uint8 or float)."
+    "A float32 grey image (0..255) from a path, a file's bytes, a PIL image or an array (grey, RGB or RGBA)."
     return _to_gray(x, name or _name(x), [])
 
 # %% ../nbs/01_images.ipynb #13022fe0

@@ -78,6 +78,7 @@ GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_record
                           'tests/test_model_safety.py::test_models_registered_before_the_change'),
           'interrupted-run': ('tests/test_reliability.py::test_ctrl_c_is_one_line',     # interrupted
                               'tests/test_reliability.py::test_resume_says_what_it_took_the_argument_for'),
+          'digit-serve': ('tests/test_serve.py::',),                                   # one digit-serve
           'served-model': ('tests/test_client.py::test_predict_through_a_served_model',  # served
                            'tests/test_client.py::test_served_model_checks_its_input')}
 SERVER_RUN_GROUP = 'mlflow-server-a'

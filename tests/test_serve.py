@@ -1,0 +1,289 @@
+"""`digit-serve` for real: uvicorn in a subprocess on 127.0.0.1 with a model trained in this session, registered in a
+local MLflow registry; the API's answers and limits, a model swap under a stream of requests, fuzzing from the OpenAPI
+schema (schemathesis), and the drawing pad in Debian's Chromium driven by Playwright."""
+import base64, io, json, os, subprocess, threading, time, urllib.error, urllib.request, uuid
+from pathlib import Path
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import ROOT, BIN, free_port, wait_for_http
+
+pytestmark = pytest.mark.slow         # a server, a registry and a browser: the slow tier
+
+NAME = 'digit-recognizer'
+CHROMIUM = '/usr/bin/chromium'
+
+
+def register(uri:str, onnx:Path, accuracy:float) -> tuple:
+    "A run holding `onnx` as its model's ONNX file, registered as a new version with alias champion: (version, run id)."
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = c.get_experiment_by_name('serve') or c.get_experiment(c.create_experiment('serve'))
+    run = c.create_run(exp.experiment_id)
+    rid = run.info.run_id
+    c.log_artifact(rid, str(onnx), 'model/artifacts')
+    c.log_metric(rid, 'test_accuracy', accuracy); c.log_metric(rid, 'test_ece', 0.01)
+    c.set_tag(rid, 'dataset_version', 'v-test'); c.set_terminated(rid)
+    try: c.create_registered_model(NAME)
+    except Exception: pass                                          # already there
+    mv = c.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=rid)
+    c.set_registered_model_alias(NAME, 'champion', mv.version)
+    return str(mv.version), rid
+
+
+class Served:
+    "A running digit-serve: `url`, the registry's `uri`, its `log` file and the checkpoint folder `model_dir`."
+
+
+@pytest.fixture(scope='module')
+def server(checkpoint_dir, tmp_path_factory):
+    "digit-serve on the registry's champion (version 1: the session's checkpoint), looking at the alias every second."
+    d = tmp_path_factory.mktemp('serve')
+    uri = f"sqlite:///{d/'mlflow.db'}"
+    version, rid = register(uri, checkpoint_dir/'model.onnx', 0.97)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('DIGIT_', 'MLFLOW_'))}
+    env.update(MLFLOW_TRACKING_URI=uri, DIGIT_PATHS_RESULTS_DIR=str(d/'results'), DIGIT_SERVE_MAX_BYTES='300000')
+    log = d/'server.log'
+    proc = subprocess.Popen([str(BIN/'digit-serve'), '--port', str(port), '--reload-seconds', '1', '--no-access-log'],
+                            cwd=ROOT, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+    s = Served()
+    s.url, s.uri, s.log, s.model_dir, s.first = f"http://127.0.0.1:{port}", uri, log, checkpoint_dir, (version, rid)
+    wait_for_http(f"{s.url}/ready", proc, log, seconds=120)
+    yield s
+    proc.terminate()
+    try: proc.wait(20)
+    except subprocess.TimeoutExpired: proc.kill()
+
+
+def call(url, data=None, ctype=None, method=None, headers=None) -> tuple:
+    "`(status, JSON answer)` of one request."
+    req = urllib.request.Request(url, data, {**({'Content-Type': ctype} if ctype else {}), **(headers or {})},
+                                 method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r: return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
+
+
+def form(*files, field='file') -> tuple:
+    "A multipart body with `files` ((name, bytes, content type)), and its content type."
+    b = uuid.uuid4().hex
+    parts = [f'--{b}\r\nContent-Disposition: form-data; name="{field}"; filename="{n}"\r\nContent-Type: {t}\r\n\r\n'
+             .encode() + data + b'\r\n' for n, data, t in files]
+    return b''.join(parts) + f'--{b}--\r\n'.encode(), f'multipart/form-data; boundary={b}'
+
+
+def encoded(a:np.ndarray, fmt:str, size=112) -> bytes:
+    "MNIST digit `a` as a photo-like file: dark ink on white paper, `size` pixels, in format `fmt`."
+    im = Image.fromarray(255 - a).resize((size, size), Image.BILINEAR)
+    b = io.BytesIO(); im.convert('RGB' if fmt == 'JPEG' else 'L').save(b, fmt); return b.getvalue()
+
+
+@pytest.fixture(scope='module')
+def digits(checkpoint_dir):
+    "Eight test digits (28x28 uint8) the session's model reads correctly and surely, with their labels."
+    from digit_recognition.client import DigitPredictor
+    x = np.load(checkpoint_dir/'images.npy')
+    p = DigitPredictor.load(str(checkpoint_dir/'model.onnx')).predict(list(x))
+    keep = [i for i, r in enumerate(p) if r.digit is not None][:8]
+    return x[keep], [p[i].digit for i in keep]
+
+
+def test_each_format_and_json(server, digits):
+    x, y = digits
+    for i, fmt in enumerate(('PNG', 'JPEG', 'GIF', 'BMP', 'WEBP')):
+        name = f"d.{fmt.lower()}"
+        status, a = call(f"{server.url}/predict", *form((name, encoded(x[i], fmt), f"image/{fmt.lower()}")))
+        assert status == 200, (fmt, a)
+        assert a['digit'] == y[i] and a['source'] == name, (fmt, a)
+        assert abs(sum(a['probabilities']) - 1) < 1e-3 and len(a['top_k']) == 3
+        assert a['model'] == {'name': NAME, 'version': server.first[0], 'run_id': server.first[1]}
+    body = json.dumps({'image': base64.b64encode(encoded(x[5], 'PNG')).decode()}).encode()
+    status, a = call(f"{server.url}/predict?top_k=10", body, 'application/json')
+    assert status == 200 and a['digit'] == y[5] and len(a['top_k']) == 10
+    status, a = call(f"{server.url}/predict", json.dumps({'pixels': x[6].tolist()}).encode(), 'application/json')
+    assert status == 200 and a['digit'] == y[6], a
+    status, a = call(f"{server.url}/predict", *form(('blank.png', encoded(np.zeros((28, 28), np.uint8), 'PNG'),
+                                                     'image/png')))
+    assert status == 200 and a['digit'] is None and a['reason'] == 'no ink'
+
+
+def test_health_ready_model_and_docs(server):
+    assert call(f"{server.url}/health") == (200, {'status': 'ok'})
+    status, r = call(f"{server.url}/ready")
+    assert status == 200 and r['ready'] is True
+    status, m = call(f"{server.url}/model")
+    assert status == 200 and m['name'] == NAME and m['alias'] == 'champion' and m['backend'] == 'onnx'
+    assert (m['dataset_version'], m['test_ece']) == ('v-test', 0.01) and m['run_id']
+    status, spec = call(f"{server.url}/openapi.json")
+    assert {'/predict', '/predict/batch', '/health', '/ready', '/model'} <= set(spec['paths'])
+    with urllib.request.urlopen(f"{server.url}/docs") as r: assert b'swagger' in r.read().lower()
+
+
+def test_batch_with_one_bad_file(server, digits):
+    x, y = digits
+    files = [(f"{i}.png", encoded(x[i], 'PNG'), 'image/png') for i in range(3)]
+    files.insert(1, ('broken.png', b'\x89PNG\r\n\x1a\n broken', 'image/png'))
+    status, a = call(f"{server.url}/predict/batch", *form(*files, field='files'))
+    assert status == 200, a
+    r = a['results']
+    assert [e.get('digit') for e in r] == [y[0], None, y[1], y[2]]
+    assert r[1] == {'source': 'broken.png', 'error': 'broken.png: not an image (expected PNG, JPEG, GIF, BMP, WEBP)'}
+    body = {'images': [{'pixels': x[0].tolist()}, {'image': 'not base64!'}, {'image': '', 'pixels': [[1]]}]}
+    status, a = call(f"{server.url}/predict/batch", json.dumps(body).encode(), 'application/json')
+    assert status == 422 and a['error'].startswith('images.2'), a          # a malformed body: the request is refused
+    body['images'].pop()
+    status, a = call(f"{server.url}/predict/batch", json.dumps(body).encode(), 'application/json')
+    assert status == 200 and a['results'][0]['digit'] == y[0] and 'base64' in a['results'][1]['error']
+
+
+def bomb() -> bytes:
+    b = io.BytesIO(); Image.new('1', (20_000, 20_000)).save(b, 'PNG'); return b.getvalue()
+
+
+def test_limits_and_bad_input(server, digits):
+    "Every bad request gets one line of JSON and a 4xx; none leaks a path or a traceback; the server stays up."
+    x, _ = digits
+    png = encoded(x[0], 'PNG')
+    tif = io.BytesIO(); Image.new('L', (28, 28)).save(tif, 'TIFF')
+    u = f"{server.url}/predict"
+    cases = {
+        'not an image': (400, call(u, *form(('notes.txt', b'hello, world', 'text/plain')))),
+        'empty file': (400, call(u, *form(('empty.png', b'', 'image/png')))),
+        'too large': (413, call(u, *form(('huge.png', png + b'\0'*300_000, 'image/png')))),
+        'decompression bomb': (413, call(u, *form(('bomb.png', bomb(), 'image/png')))),
+        'TIFF': (415, call(u, *form(('scan.tif', tif.getvalue(), 'image/tiff')))),
+        'two files': (413, call(u, *form(('a.png', png, 'image/png'), ('b.png', png, 'image/png')))),
+        'too many files': (413, call(f"{u}/batch", *form(*[('a.png', png, 'image/png')]*33, field='files'))),
+        'no file': (400, call(u, *form(field='file'))),
+        'wrong content type': (415, call(u, b'hello', 'text/plain')),
+        'bad JSON': (422, call(u, b'{"image": ', 'application/json')),
+        'bad base64': (400, call(u, b'{"image": "@@@"}', 'application/json')),
+        'top_k': (422, call(f"{u}?top_k=0", *form(('a.png', png, 'image/png')))),
+        'body too large': (413, call(u, b'x'*2_000_000, 'application/json')),
+        'GET': (405, call(u)),
+    }
+    for what, (expected, (status, a)) in cases.items():
+        assert status == expected, (what, status, a)
+        assert set(a) == {'error'} and '\n' not in a['error'] and 0 < len(a['error']) < 300, (what, a)
+        assert 'Traceback' not in a['error'] and str(ROOT) not in a['error'] and '/tmp' not in a['error'], (what, a)
+    assert 'bomb.png' in cases['decompression bomb'][1][1]['error']
+    # a body sent without Content-Length (chunked) stops being read at the limit
+    import http.client
+    c = http.client.HTTPConnection(*server.url.removeprefix('http://').split(':'))
+    c.putrequest('POST', '/predict'); c.putheader('Content-Type', 'application/json')
+    c.putheader('Transfer-Encoding', 'chunked'); c.endheaders()
+    try:
+        for _ in range(40): c.send(b'10000\r\n' + b'x'*0x10000 + b'\r\n')
+        c.send(b'0\r\n\r\n')
+    except OSError: pass                       # the server may answer and close before everything is sent
+    r = c.getresponse()
+    assert r.status == 413 and 'limit' in json.loads(r.read())['error']
+    assert call(f"{server.url}/health")[0] == 200
+    assert 'Traceback' not in server.log.read_text()
+
+
+def test_fuzzing_the_openapi_schema_finds_no_server_error(server):
+    "schemathesis generates requests from /openapi.json, valid and invalid ones: no answer is a 5xx."
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {o.path for o in ops} >= {'/predict', '/predict/batch', '/model'}
+    seen = []
+    for op in ops:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)[:1 if op.method.upper() == 'GET' else 2]:
+            @settings(max_examples=15, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def fuzz(case):
+                r = case.call_and_validate(checks=[not_a_server_error])
+                seen.append(r.status_code)
+            fuzz()
+    assert len(seen) > 50 and max(seen) < 500 and any(s >= 400 for s in seen)
+    assert call(f"{server.url}/health")[0] == 200
+
+
+def test_alias_moves_while_requests_stream(server, digits):
+    "The champion moves to a new version mid-stream: no request fails, each answer is one version, it changes once."
+    x, y = digits
+    body = json.dumps({'pixels': x[0].tolist()}).encode()
+    answers, stop = [], threading.Event()
+    def stream():
+        while not stop.is_set(): answers.append(call(f"{server.url}/predict", body, 'application/json'))
+    threads = [threading.Thread(target=stream) for _ in range(3)]
+    for t in threads: t.start()
+    time.sleep(1)
+    version, rid = register(server.uri, server.model_dir/'model.onnx', 0.99)
+    deadline = time.time() + 30
+    while time.time() < deadline and call(f"{server.url}/model")[1]['version'] != version: time.sleep(0.2)
+    time.sleep(1); stop.set()
+    for t in threads: t.join()
+    assert all(s == 200 for s, _ in answers), [a for s, a in answers if s != 200][:3]
+    versions = [a['model']['version'] for _, a in answers]
+    changes = [(a, b) for a, b in zip(versions, versions[1:]) if a != b]
+    assert versions[0] == server.first[0] and versions[-1] == version, versions[::20]
+    assert len(changes) <= len(threads), changes                 # each stream saw it change once, never back
+    assert all(a['model']['run_id'] == (rid if a['model']['version'] == version else server.first[1])
+               for _, a in answers)
+    status, m = call(f"{server.url}/model")
+    assert (m['version'], m['run_id'], m['test_accuracy']) == (version, rid, 0.99)
+    assert f"now answers with version {version}" in server.log.read_text()
+
+
+# The page, in a real browser: Debian's Chromium (Playwright's own browser download does not work here).
+@pytest.fixture(scope='module')
+def page(server):
+    pw = pytest.importorskip('playwright.sync_api')
+    if not os.access(CHROMIUM, os.X_OK): pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+            '--disable-background-networking', '--disable-component-update', '--disable-sync'])
+        pg = b.new_page(viewport={'width': 400, 'height': 800}, is_mobile=True, has_touch=True)   # a phone's screen
+        pg.goto(server.url + '/')
+        pg.wait_for_function("document.getElementById('model').textContent.includes('v')")
+        yield pg
+        b.close()
+
+
+def draw(pg, strokes):
+    "Draw `strokes` (lists of (x, y) in 0..1 of the pad) with the mouse; wait for the answer to them."
+    pg.click('#clear')
+    box = pg.locator('#pad').bounding_box()
+    at = lambda x, y: (box['x'] + x*box['width'], box['y'] + y*box['height'])
+    for s in strokes:
+        pg.mouse.move(*at(*s[0])); pg.mouse.down()
+        for q in s[1:]: pg.mouse.move(*at(*q), steps=4)
+        pg.mouse.up()
+    pg.wait_for_function("document.getElementById('answer').dataset.digit !== undefined")
+    pg.wait_for_timeout(500)                                      # the answer to the last stroke
+    return pg.locator('#answer').text_content(), pg.locator('#reason').text_content()
+
+
+def bars(pg) -> list:
+    return [float(v) for v in pg.locator('#bars .bar').evaluate_all("els => els.map(e => e.dataset.p)")]
+
+
+def test_drawing_pad_in_a_browser(page, digits, tmp_path):
+    import math
+    one = [[(0.5, 0.15), (0.5, 0.85)]]
+    zero = [[(0.5 + 0.22*math.sin(t/20*2*math.pi), 0.5 - 0.32*math.cos(t/20*2*math.pi)) for t in range(21)]]
+    assert draw(page, one)[0] == '1'
+    assert abs(sum(bars(page)) - 1) < 0.01
+    assert draw(page, zero)[0] == '0'
+    assert abs(sum(bars(page)) - 1) < 0.01
+    assert f"{NAME} v" in page.locator('#model').text_content()
+    out = ROOT/'test-reports'; out.mkdir(exist_ok=True)
+    page.screenshot(path=str(out/'serve-page.png'), full_page=True)
+    # a photographed digit, uploaded through the page
+    x, y = digits
+    f = tmp_path/'photo.jpg'; f.write_bytes(encoded(x[3], 'JPEG', size=160))
+    page.set_input_files('#upload', str(f))
+    page.wait_for_function(f"document.getElementById('answer').dataset.digit === '{y[3]}'", timeout=10_000)
+    assert abs(sum(bars(page)) - 1) < 0.01
+    # not sure is shown as such
+    draw(page, [[(0.1, 0.1), (0.12, 0.12)], [(0.85, 0.85), (0.9, 0.9)], [(0.1, 0.9), (0.15, 0.85)]])
+    assert page.locator('#answer').text_content() == '?' and 'not sure' in page.locator('#reason').text_content()
