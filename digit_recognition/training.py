@@ -10,8 +10,8 @@ __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TRAIN_PARAMS', 'MODEL_CODE', 'RUN_OPTIONS
            'model_from_checkpoint', 'TrainParams', 'fit', 'plot_curves', 'calibration', 'predict_logits',
            'fit_temperature', 'calibrate', 'Probabilities', 'probabilities_from_checkpoint', 'calibrate_checkpoint',
            'dataset_input', 'check_images', 'pyfunc_class', 'log_model', 'resume_checkpoint', 'resume_conflicts',
-           'train', 'training_notebook', 'param_specs', 'add_parameter_flags', 'train_parser', 'run_training',
-           'explicit_args', 'digit_train']
+           'make_pruner', 'trial_reporter', 'train', 'training_notebook', 'param_specs', 'add_parameter_flags',
+           'train_parser', 'run_training', 'explicit_args', 'digit_train']
 
 # %% ../nbs/05_training.ipynb #d2df2577
 import functools, json, math, os, socket, time, warnings
@@ -228,7 +228,7 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
         data,                       # a `CleanedData` with `train` and `val` splits
         out_dir,                    # where `best.pt` and `last.pt` go
         params:TrainParams,         # the run's knobs
-        on_epoch=None,              # called as `on_epoch(metrics, epoch)` after each epoch (e.g. to log them)
+        on_epoch=None,              # called as `on_epoch(metrics, epoch)` after each epoch; True stops training
         state:dict|None=None,       # a `last.pt` to continue from
        ) -> dict:                   # the final state: `epoch`, `history`, `best_val_accuracy`, `best_epoch`
     "Train `model` on `data` with `params`, checkpointing to `out_dir` after every epoch."
@@ -268,7 +268,7 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
                         params=asdict(p), dataset_version=data.version,
                         **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
         print(f"epoch {epoch}: " + ' '.join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        if on_epoch: on_epoch(metrics, epoch)
+        if on_epoch and on_epoch(metrics, epoch) is True: st['stopped'] = epoch; break   # e.g. a pruned trial
     return st
 
 # %% ../nbs/05_training.ipynb #606f013c
@@ -472,8 +472,36 @@ def resume_conflicts(planned:dict, given:dict):
     if bad: raise DigitError(f"resume: {', '.join(bad)}: a resumed run continues as it was planned; "
                              "leave these out, or start a new run to change them")
 
+# %% ../nbs/05_training.ipynb #f12f128e
+def make_pruner(name:str='median',     # 'median', 'hyperband' or 'none'
+                startup_trials:int=2,  # median: trials that finish before any is pruned
+                max_epochs:int=20,     # hyperband: the most epochs a trial runs
+               ):
+    "An Optuna pruner by name (pruners are not kept in a study's storage: each process makes its own)."
+    import optuna
+    makers = {'median': lambda: optuna.pruners.MedianPruner(n_startup_trials=startup_trials),
+              'hyperband': lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1)),
+              'none': optuna.pruners.NopPruner}
+    return _pick('pruner', name, makers)()
+
+def trial_reporter(trial:dict,  # `{'study', 'id', 'metric', 'pruner', 'startup_trials', 'max_epochs'}` from digit-tune
+                  ):            # an `on_epoch` for `fit`: reports the metric; True (stop) when the trial is pruned
+    "Report each epoch's metric to an Optuna trial (storage: `DIGIT_TUNE_STORAGE`) and stop when it is pruned."
+    import optuna
+    storage = os.environ.get('DIGIT_TUNE_STORAGE')
+    if not storage: raise DigitError("trial: DIGIT_TUNE_STORAGE is not set (digit-tune sets it for its trials)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = make_pruner(trial.get('pruner', 'median'), trial.get('startup_trials', 2), trial.get('max_epochs', 20))
+    t = optuna.trial.Trial(optuna.load_study(study_name=trial['study'], storage=storage, pruner=pruner),
+                           int(trial['id']))
+    metric = trial.get('metric', 'val_accuracy')
+    def report(metrics:dict, epoch:int) -> bool:
+        t.report(metrics[metric], epoch)
+        return t.should_prune()
+    return report
+
 # %% ../nbs/05_training.ipynb #d80406c3
-def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings) -> dict:
+def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings, trial:dict|None=None) -> dict:
     "Inside the active MLflow run: log parameters, tags and dataset, train, calibrate, then log curves and model."
     import mlflow
     resumed = state is not None
@@ -484,7 +512,13 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings)
     if not resumed:
         mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training',
                          tags={'dataset_version': data.version})
-    st = fit(net, data, out, params, on_epoch=lambda m, e: mlflow.log_metrics(m, step=e), state=state)
+    report = trial_reporter(trial) if trial else None
+    def on_epoch(m, e):
+        mlflow.log_metrics(m, step=e)
+        return report(m, e) if report else None
+    st = fit(net, data, out, params, on_epoch=on_epoch, state=state)
+    if st.get('stopped'):
+        mlflow.set_tag('pruned', 'true'); print(f"pruned after epoch {st['stopped']} (the study's pruner)", flush=True)
     fig = plot_curves(st['history'], f"run {mlflow.active_run().info.run_id}")
     fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
     mlflow.log_artifact(str(out/'curves.png'))
@@ -503,6 +537,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
           run_name:str='',              # MLflow run name; empty lets MLflow pick one
           resume:str='',                # a `last.pt` or run id to continue, with the parameters it was started with
           run_id:str='',                # an existing MLflow run to log into (`digit-train` creates it)
+          trial:dict|None=None,         # an Optuna trial to report each epoch to (`trial_reporter`; digit-tune)
           **changes,                    # `TrainParams` fields to change, e.g. `epochs=3`
          ) -> dict:                     # `run_id`, `best_val_accuracy`, `checkpoint`, `dataset_version`, ...
     "Train one model and record it as one MLflow run."
@@ -527,7 +562,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     rid = run.info.run_id; out = results/rid
     try:
         with run:
-            try: st = _record_training(net, data, out, p, state, dev, s)
+            try: st = _record_training(net, data, out, p, state, dev, s, trial)
             except KeyboardInterrupt:
                 print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with resume='{rid}'",
                       flush=True)
@@ -538,7 +573,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
               'epochs_run': st['epoch'], 'checkpoint': str(out/'best.pt'), 'tracking_uri': redact(uri),
               'dataset_version': data.version, 'temperature': st['calibration']['temperature'],
               'val_ece_uncalibrated': st['calibration']['ece_uncalibrated'], 'val_ece': st['calibration']['ece'],
-              'onnx': str(st['onnx'])}
+              'onnx': str(st['onnx']), 'pruned': bool(st.get('stopped'))}
     atomic_write(out/'result.json', lambda f: f.write(json.dumps(result, indent=1).encode()))
     return result
 
@@ -600,6 +635,7 @@ def run_training(params:dict,              # `TrainParams` fields (the others: s
                  settings:Settings|None=None,  # the project's settings; None: `Settings()`
                  tags:dict|None=None,      # extra tags of the MLflow run
                  given:dict|None=None,     # the flags the user gave, checked against a resumed run's plan
+                 trial:dict|None=None,     # an Optuna trial the run reports to (`trial_reporter`; digit-tune)
                 ) -> dict:                 # the run's `result.json` and the executed `notebook`
     "Run the training notebook under papermill as one MLflow run."
     import mlflow, papermill as pm     # imported where used: papermill (and nbformat's schemas) take seconds
@@ -630,7 +666,8 @@ def run_training(params:dict,              # `TrainParams` fields (the others: s
             if out_nb.is_file(): client.log_artifact(rid, str(out_nb), 'notebook')
         except MlflowException: pass
         return DigitError(f"{msg} (run {rid}; executed notebook: {out_nb})")
-    try: run_notebook(training_notebook(s), out_nb, {'params': asdict(tp), **opts, 'run_id': rid}, s.root, log_output)
+    nb_params = {'params': asdict(tp), **opts, 'run_id': rid, 'trial': trial or {}}
+    try: run_notebook(training_notebook(s), out_nb, nb_params, s.root, log_output)
     except KeyboardInterrupt:
         fail('KILLED', '')
         raise KeyboardInterrupt(f"interrupted; the last completed epoch is kept in {results/rid/'last.pt'}; "
