@@ -80,6 +80,16 @@ max_train_samples = 0
 # 0: the whole one-cycle schedule (stopping in its middle, at a high learning rate, leaves a worse model)
 patience = 0
 
+[distributed]
+# Data-parallel training (digit-train --nproc-per-node): training processes on this machine; 1 = one process, no
+# torch.distributed. Not training parameters: the global batch and learning rate stay [train]'s whatever the count.
+nproc_per_node = 1
+# Machines taking part; each runs digit-train with its own node_rank, node 0 keeps the run (MLflow, checkpoints).
+nnodes = 1
+node_rank = 0
+# HOST:PORT of node 0, where the processes of several machines meet; empty = this machine, on a free port.
+rdzv_endpoint =
+
 [evaluate]
 # The split models are measured on, and compared on for the registry.
 split = test
@@ -108,6 +118,31 @@ access_log = true
 max_bytes = 5000000
 max_pixels = 25000000
 max_batch = 32
+
+[tune]
+# digit-tune: the search space, one training parameter per line:
+#   NAME = float LOW HIGH [log] | int LOW HIGH [log] | choice A,B,...
+space =
+    lr = float 0.003 0.05 log
+    weight_decay = float 0.00001 0.005 log
+    batch_size = choice 64,128,256
+    label_smoothing = choice 0.0,0.05,0.1
+study = digit-tune
+# The study's database; empty: training_results/optuna.db (one machine). For several machines, e.g.
+# postgresql://optuna@db-host/optuna (keep the password out of settings.ini: put the URL in .env as DIGIT_TUNE_STORAGE)
+storage =
+trials = 20
+# Seconds after which no new trial starts (0: no limit).
+timeout = 0
+sampler = tpe
+pruner = median
+metric = val_accuracy
+seed = 42
+# median pruner: trials that finish before any is pruned
+startup_trials = 2
+# A running trial's heartbeat; a trial silent for grace_seconds (its worker died) is marked failed and run again once.
+heartbeat_seconds = 10
+grace_seconds = 30
 """
 
 # %% ../nbs/00_config.ipynb #853b9978
