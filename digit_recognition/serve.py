@@ -517,6 +517,14 @@ def digit_serve(argv=None):
     print(f"serving {slot.source}" + (f" (version {c['version']})" if c['version'] else '') +
           f" with {c['backend']} on http://{host}:{port} (drawing pad: /, API docs: /docs)", flush=True)
     log_access = bool(s.get('serve', 'access_log'))
-    if workers == 1: uvicorn.run(create_app(slot, s), host=host, port=port, access_log=log_access)
-    else: uvicorn.run('digit_recognition.serve:app_factory', factory=True, host=host, port=port, workers=workers,
-                      access_log=log_access)
+    if workers == 1: return uvicorn.run(create_app(slot, s), host=host, port=port, access_log=log_access)
+    # uvicorn.run's own path for workers, with one change: the shared listening socket gets TCP_NODELAY, which the
+    # connections accepted on it inherit (uvicorn leaves it off there: every keep-alive answer then waits ~40 ms for
+    # the client's delayed ACK; Kludex/uvicorn#3149)
+    import socket
+    from uvicorn.supervisors import Multiprocess
+    config = uvicorn.Config('digit_recognition.serve:app_factory', factory=True, host=host, port=port,
+                            workers=workers, access_log=log_access)
+    sock = config.bind_socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(config, sockets=[sock]).run()
