@@ -1,7 +1,8 @@
-# digit-recognition: one image for data, training, evaluation and prediction.
+# digit-recognition: one image for data, training, evaluation, prediction and serving.
 #   docker build -t digit-recognition .
 #   docker run --rm -v "$PWD/data:/app/data" -v "$PWD/runs:/app/runs" digit-recognition                  # the pipeline
 #   docker run --rm -v "$PWD/photos:/images:ro" -v "$PWD/runs:/app/runs" digit-recognition digit-predict /images
+#   docker run -d -p 8000:8000 -v "$PWD/runs:/app/runs" digit-recognition digit-serve   # the champion on :8000
 # Volumes: /app/data (raw MNIST), /app/dataset_cleaned, /app/training_results, /app/runs (the MLflow store).
 
 # --- build: install the package and its dependencies into a virtual environment -------------------------------
@@ -14,12 +15,13 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN python -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md settings.ini constraints.txt ./
 COPY digit_recognition/ digit_recognition/
-RUN python -m pip install --quiet -c constraints.txt '.[train]'
+RUN python -m pip install --quiet -c constraints.txt '.[train,serve]'
 
 # --- runtime: the virtual environment (the package carries the notebooks papermill runs) and a non-root user ----
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg \
-    MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db
+    MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db \
+    DIGIT_SERVE_HOST=0.0.0.0
 RUN useradd --create-home --uid 1000 digits
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
@@ -28,5 +30,12 @@ COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/digit-entrypoint
 RUN mkdir -p data dataset_cleaned training_results runs && chown -R digits:digits /app
 USER digits
 VOLUME ["/app/data", "/app/dataset_cleaned", "/app/training_results", "/app/runs"]
+# digit-serve listens on 0.0.0.0:8000 in the container (DIGIT_SERVE_HOST above; publish it with -p HOST_PORT:8000).
+EXPOSE 8000
+# A HEALTHCHECK applies to every container of the image, and most of them (the pipeline, digit-predict) run no server:
+# `digit-entrypoint healthcheck` reads the command the container was started with (/proc/1/cmdline, which names it
+# with or without `docker run --init`); for digit-serve it asks http://127.0.0.1:PORT/health (its --port, else
+# DIGIT_SERVE_PORT, else 8000) with Python's urllib (the slim image has no curl), for any other command it passes.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 CMD ["digit-entrypoint", "healthcheck"]
 ENTRYPOINT ["digit-entrypoint"]
 CMD ["digit-pipeline"]

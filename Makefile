@@ -12,7 +12,8 @@ XDIST = $(shell $(BIN)/python -c 'import xdist' 2>/dev/null && echo '-n 3')
 # The notebooks' tests, two at a time; mlruns/ folders (MLflow artifacts, which hold copies of notebooks) are not sources.
 NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)'
 
-.PHONY: help setup lock data train evaluate sweep pipeline predict client lab ui bench bench-client export readme
+.PHONY: help setup lock data train evaluate sweep tune pipeline predict client serve lab ui bench bench-client bench-serve
+.PHONY: export readme
 .PHONY: docs-outputs
 .PHONY: test test-fast test-notebooks test-pytest test-notebooks-fast test-pytest-fast
 help:  ## list the targets
@@ -41,6 +42,9 @@ train: setup  ## train the default recipe (digit-train), tracked in MLflow
 sweep: setup  ## an example sweep: two learning rates x two models
 	$(BIN)/digit-sweep --grid lr=0.003,0.01 --grid model=mlp,cnn --epochs 3
 
+tune: setup  ## an example study: 10 trials over [tune] space, 3 epochs each, pruned (digit-tune; ARGS= for more flags)
+	$(BIN)/digit-tune --trials 10 --epochs 3 $(ARGS)
+
 evaluate: setup  ## evaluate the latest training run, apply the gate, register it (digit-evaluate)
 	$(BIN)/digit-evaluate
 
@@ -52,6 +56,9 @@ predict: setup  ## read digits from image files with the champion: make predict 
 
 client: setup  ## the drawing pad (needs a display)
 	$(BIN)/digit-client
+
+serve: setup  ## the champion over HTTP (digit-serve): API and drawing pad on :8000; make serve ARGS='--port 9000'
+	$(BIN)/digit-serve $(ARGS)
 
 # `test` and `test-fast` run the notebooks beside pytest (-j2): most of a test's time is one process importing
 # libraries, so the two share the cores; -Oline keeps each output line whole.
@@ -84,6 +91,9 @@ bench: setup data  ## training speed: our recipes against the PyTorch MNIST exam
 
 bench-client: setup  ## the client: photo accuracy, one-image latency, digit-predict over 1,000 files (needs a champion)
 	$(BIN)/python bench/client_speed.py
+
+bench-serve: setup  ## the server under load: digit-serve vs mlflow models serve, requests/s, latency (needs a champion)
+	$(BIN)/python bench/serve_load.py
 
 export: setup readme  ## notebooks -> digit_recognition/ (code and the papermill notebooks) and README.md; clean metadata
 	$(BIN)/nbdev-export

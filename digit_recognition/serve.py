@@ -137,6 +137,7 @@ class Limits:
     max_batch:int = 32               # images in one /predict/batch request
     @classmethod
     def from_settings(cls, s:Settings):
+        "The limits of `[serve]` in settings `s`."
         return cls(*(int(s.get('serve', k)) for k in ('max_bytes', 'max_pixels', 'max_batch')))
     def request_bytes(self, batch:bool) -> int:
         "The most bytes a request body may have: its images base64-encoded (4/3), plus room for the form or JSON."
@@ -173,6 +174,7 @@ class ImageIn(BaseModel):
     name: str|None = Field(None, max_length=200, description="what to call the image in the answer")
     @model_validator(mode='after')
     def one_of(self):
+        "Exactly one of `image` and `pixels`; pixels in rows of one length."
         if (self.image is None) == (self.pixels is None): raise ValueError("expected exactly one of image, pixels")
         if self.pixels is not None and (not self.pixels or len({len(r) for r in self.pixels}) != 1
                                         or not self.pixels[0]):
@@ -184,6 +186,7 @@ class BatchIn(BaseModel):
     images: list[ImageIn] = Field(description="the images, each answered in order")
 
 class TopK(BaseModel):
+    "One candidate: a digit and its calibrated probability."
     digit: int
     probability: float
 
@@ -209,10 +212,12 @@ class Failure(BaseModel):
     error: str
 
 class BatchAnswer(BaseModel):
+    "The answers for a batch, in order, and the model that gave them all."
     results: list[Answer|Failure] = Field(description="one entry per image, in order")
     model: ModelRef
 
 class ErrorBody(BaseModel):
+    "Every 4xx and 5xx answer: one line saying what is wrong."
     error: str = Field(description="what is wrong with the request, in one line")
 
 # %% ../nbs/08_serve.ipynb #2cef4f75
@@ -272,8 +277,9 @@ async def read_images(request:Request, limits:Limits, batch:bool=False) -> list:
     elif ctype == 'application/json':
         try: body = (BatchIn if batch else ImageIn).model_validate_json(await request.body())
         except ValidationError as e: raise problem(422, _one_line(e)) from None
-        names = [x.name or f"image[{i}]" for i, x in enumerate(body.images if batch else [body])]
-        items = [(n, _checked(decode_json_image, x, n, limits)) for n, x in zip(names, body.images if batch else [body])]
+        images = body.images if batch else [body]
+        names = [x.name or f"image[{i}]" for i, x in enumerate(images)]
+        items = [(n, _checked(decode_json_image, x, n, limits)) for n, x in zip(names, images)]
     else: raise problem(415, f"content type: {ctype or 'none'} (expected multipart/form-data with an image file, "
                              "or application/json)")
     if not items: raise problem(400, "no image (expected a file in the form, or an image in the JSON body)")
@@ -404,8 +410,10 @@ PAGE = """<!doctype html>
  #reason{color:#a15c00;min-height:1.2em;text-align:center}
  .bar{display:flex;align-items:center;gap:6px;height:24px;font-variant-numeric:tabular-nums}
  .bar b{width:1em}.bar span{flex:1;height:14px;background:#eee;border-radius:3px;overflow:hidden}
- .bar i{display:block;height:100%;background:#1f77b4}.bar.best i{background:#d62728}.bar em{width:3.5em;text-align:right}
- button,label.button{font-size:1em;padding:8px 14px;border-radius:6px;border:1px solid #888;background:#fff;cursor:pointer}
+ .bar i{display:block;height:100%;background:#1f77b4}.bar.best i{background:#d62728}
+ .bar em{width:3.5em;text-align:right}
+ button,label.button{font-size:1em;padding:8px 14px;border-radius:6px;border:1px solid #888;background:#fff;
+  cursor:pointer}
  #model,#status{font-size:.85em;color:#666;margin-top:6px}
  section{width:min(88vw,300px)}
 </style></head><body>
@@ -437,7 +445,8 @@ function stroke(p) {
 pad.addEventListener('pointerdown', e => { drawing = true; last = null; pad.setPointerCapture(e.pointerId);
   stroke(point(e)); e.preventDefault(); });
 pad.addEventListener('pointermove', e => { if (!drawing) return; stroke(point(e)); ask(); });
-for (const t of ['pointerup', 'pointercancel']) pad.addEventListener(t, () => { if (drawing) { drawing = false; ask(); } });
+for (const t of ['pointerup', 'pointercancel'])
+  pad.addEventListener(t, () => { if (drawing) { drawing = false; ask(); } });
 $('clear').onclick = clearPad;
 function show(a) {
   const p = a ? a.probabilities : Array(10).fill(0);
@@ -499,7 +508,7 @@ def serve_parser() -> argparse.ArgumentParser:
 # %% ../nbs/08_serve.ipynb #df2f5863
 @command
 def digit_serve(argv=None):
-    "Entry point of `digit-serve`: serves until Ctrl-C or SIGTERM (exit 0); 1 if the model cannot be loaded."
+    "Entry point of `digit-serve`: serves until Ctrl-C (exit 0) or SIGTERM (clean shutdown, status 143); 1: no model."
     a = serve_parser().parse_args(argv)
     for flag, v in (('--port', a.port), ('--workers', a.workers), ('--reload-seconds', a.reload_seconds)):
         if v is not None and v < (0 if flag == '--reload-seconds' else 1):

@@ -1,6 +1,6 @@
 """What lets another person deploy and trust the project: the Dockerfile (parsed by Docker's own parser), the
 workflows (actionlint), DEPLOYMENT.md's commands (run for real in a copy of the project) and the documentation."""
-import json, os, re, shutil, subprocess
+import json, os, re, shutil, socket, subprocess
 import pytest
 from conftest import ROOT, BIN
 
@@ -27,6 +27,15 @@ def test_dockerfile():
     entry = [i for i in final if i.cmd == 'ENTRYPOINT']
     assert entry and entry[-1].json and entry[-1].value == ('digit-entrypoint',)
     assert [i.value for i in final if i.cmd == 'CMD'][-1] == ('digit-pipeline',)
+    # digit-serve: on every interface of the container, on the exposed port, checked by the HEALTHCHECK.
+    from digit_recognition.config import Settings
+    env = dict(kv for i in final if i.cmd == 'ENV' for kv in zip(i.value[::2], i.value[1::2]))
+    assert env.get('DIGIT_SERVE_HOST') == '0.0.0.0' and 'DIGIT_SERVE_PORT' not in env
+    port = Settings(root=ROOT).get('serve', 'port')
+    assert [i.value for i in final if i.cmd == 'EXPOSE'] == [(str(port),)]
+    health = [i for i in final if i.cmd == 'HEALTHCHECK']
+    assert len(health) == 1 and health[0].json and health[0].value == ('CMD', 'digit-entrypoint', 'healthcheck')
+    assert any(f.startswith('--start-period=') for f in health[0].flags)
     for i in ins:                                    # no secrets baked in, no .env copied
         if i.cmd in ('ENV', 'ARG'): assert not any(SECRET.search(v) for v in i.value[::2]), i.original
         if i.cmd in ('COPY', 'ADD'): assert not any('.env' in v for v in i.value), i.original
@@ -36,7 +45,7 @@ def test_dockerfile():
     torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet torch torchvision --index-url) \$\(TORCH_INDEX\)',
                            make).group(1)
     assert f"{torch_line} https://download.pytorch.org/whl/cpu" in runs
-    assert "python -m pip install --quiet -c constraints.txt '.[train]'" in runs
+    assert "python -m pip install --quiet -c constraints.txt '.[train,serve]'" in runs
     assert '$(BIN)/python -m pip install --quiet -c constraints.txt -e' in make
     ignore = (ROOT/'.dockerignore').read_text().split()
     assert {'.env', '.venv', 'data/', 'dataset_cleaned/', 'training_results/', 'mlflow.db', 'mlruns/'} <= set(ignore)
@@ -44,12 +53,55 @@ def test_dockerfile():
     ep = ROOT/'docker'/'entrypoint.sh'
     assert os.access(ep, os.X_OK)
     r = subprocess.run(['sh', str(ep), '--help'], capture_output=True, text=True)
-    assert r.returncode == 0 and 'digit-pipeline' in r.stdout
+    assert r.returncode == 0 and 'digit-pipeline' in r.stdout and 'digit-serve' in r.stdout
     r = subprocess.run(['sh', str(ep), 'rm', '-rf', '/'], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: unknown command 'rm'")
     r = subprocess.run(['sh', str(ep), 'digit-predict', '--help'], capture_output=True, text=True,
                        env={**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}"})
     assert r.returncode == 0 and '--server' in r.stdout
+    r = subprocess.run(['sh', str(ep), 'digit-serve', '--help'], capture_output=True, text=True,
+                       env={**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}"})
+    assert r.returncode == 0 and '--reload-seconds' in r.stdout
+
+
+# A stand-in for digit-serve (a real HTTP server on /health, with digit-serve's command line): the HEALTHCHECK only
+# needs the process's arguments and /health. DEPLOYMENT.md's testable block runs the check on a real digit-serve.
+HEALTH_SERVER = '''import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == '/health' else 404); self.end_headers(); self.wfile.write(b'{}')
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(('127.0.0.1', 0), H)
+print(s.server_port, flush=True); s.serve_forever()'''
+
+
+def test_docker_healthcheck():
+    "Healthy for a container that runs no server (the pipeline); for digit-serve, healthy when its /health answers."
+    ep = ROOT/'docker'/'entrypoint.sh'
+    env = {**os.environ, 'PATH': f"{BIN}:{os.environ['PATH']}"}
+    env.pop('DIGIT_SERVE_PORT', None)
+    check = lambda pid, **kw: subprocess.run(['sh', str(ep), 'healthcheck', str(pid)], capture_output=True, text=True,
+                                             env={**env, **kw}, timeout=30)
+    sleep = [str(BIN/'python'), '-c', 'import time; time.sleep(60)']
+    with subprocess.Popen([*sleep, '/opt/venv/bin/digit-pipeline']) as pipeline:
+        try: assert check(pipeline.pid).returncode == 0                # not a server: nothing to check
+        finally: pipeline.kill()
+    r = check(2**22 + 1)
+    assert r.returncode == 1 and 'no process' in r.stderr
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = str(s.getsockname()[1])   # nothing listens there
+    for args, used in ((['--port', port], port), ([f'--port={port}'], port), ([], '9')):
+        with subprocess.Popen([*sleep, '/opt/venv/bin/digit-serve', *args]) as down:
+            try:
+                r = check(down.pid, DIGIT_SERVE_PORT='9')                # --port, else DIGIT_SERVE_PORT
+                assert r.returncode == 1 and f"http://127.0.0.1:{used}/health" in r.stderr, r.stderr
+            finally: down.kill()
+    with subprocess.Popen([str(BIN/'python'), '-c', HEALTH_SERVER, 'digit-serve', '--host', '0.0.0.0'],
+                          stdout=subprocess.PIPE, text=True) as up:
+        try:
+            port = up.stdout.readline().strip()
+            assert check(up.pid, DIGIT_SERVE_PORT=port).returncode == 0
+            assert check(up.pid, DIGIT_SERVE_PORT='1').returncode == 1
+        finally: up.kill()
 
 
 def test_workflows_pass_actionlint():
@@ -61,9 +113,12 @@ def test_workflows_pass_actionlint():
     t = (wf/'python-tests.yml').read_text()
     assert 'make setup' in t and 'make test' in t and 'cache: pip' in t
     assert 'if: failure()' in t and 'upload-artifact' in t
+    always = r'if: always\(\)\n\s+uses: actions/upload-artifact@\S+\n(.*\n){1,3}\s+path: test-reports/'
+    assert 'chromium' in t and re.search(always, t), "test-reports/ (the page's screenshot) is uploaded every time"
     d = (wf/'docker-build.yml').read_text()
     assert 'setup-buildx-action' in d and '${{ github.sha }}' in d and ':latest' in d
     assert 'secrets.REGISTRY_PASSWORD' in d
+    assert 'digit-serve --help' in d and '}}" healthcheck' in d
     assert "github.ref == 'refs/heads/main'" in d and 'pull_request' in d
     docs = (wf/'docs.yml').read_text()
     assert 'quarto-dev/quarto-actions/setup' in docs and 'nbdev-docs' in docs and 'deploy-pages' in docs
@@ -76,13 +131,21 @@ def marked_blocks(text):
 def test_deployment_guide_is_bilingual():
     text = (ROOT/'DEPLOYMENT.md').read_text()
     sections = re.split(r'^## ', text, flags=re.M)[1:]
-    assert len(sections) >= 11
+    assert len(sections) >= 13
     for s in sections:
         assert re.search(r'[\u4e00-\u9fff]', s) and re.search(r'\b(the|and|is|to)\b', s), s[:60]
     for topic in ('MLFLOW_TRACKING_URI', 'DAGSHUB_USER_TOKEN', 'MNIST_DIR', 'papermill', 'digit-evaluate', 'champion',
-                  'mlflow models serve', 'docker run', 'actionlint', 'Troubleshooting'):
+                  'mlflow models serve', 'docker run', 'actionlint', 'Troubleshooting',
+                  'digit-serve', 'make serve', '/predict/batch', '/ready', 'reload_seconds', '--workers', 'max_bytes',
+                  'max_pixels', 'max_batch', '@challenger', 'client_max_body_size', 'X-Forwarded-Proto', 'HEALTHCHECK',
+                  'DIGIT_SERVE_HOST', '-p 8000:8000'):
         assert topic in text, topic
-    assert len(marked_blocks(text)) >= 5
+    blocks = marked_blocks(text)
+    assert len(blocks) >= 6
+    # digit-serve's block runs on the pipeline's champion and the sample images: after the blocks that make them
+    serve = next(i for i, b in enumerate(blocks) if 'digit-serve --port' in b)
+    assert serve > max(i for i, b in enumerate(blocks) if 'digit-pipeline' in b or 'sample_' in b and 'save' in b)
+    assert 'trap ' in blocks[serve] and 'kill ' in blocks[serve] and 'healthcheck' in blocks[serve]
 
 
 @pytest.mark.slow
@@ -110,6 +173,8 @@ def test_deployment_commands(tmp_path):
     assert (proj/'mlflow.db').is_file() and (proj/'dataset_cleaned'/'manifest.json').is_file()
     assert (proj/'predictions.csv').read_text().startswith('file,digit,confidence')
     assert any((proj/'annotated').iterdir())
+    for port in set(re.findall(r'digit-serve --port (\d+)', '\n'.join(marked_blocks(text)))):   # no server left behind
+        with socket.socket() as s: assert s.connect_ex(('127.0.0.1', int(port))) != 0, port
 
 
 # The documentation site: Quarto cannot be installed here, so check what can be checked without it.
