@@ -103,17 +103,27 @@ def open_storage(url:str, settings:Settings|None=None) -> optuna.storages.RDBSto
         raise DigitError(f"storage {redact(url)}: cannot be opened ({str(e).strip().splitlines()[0][:200]})") from None
 
 # %% ../nbs/09_tune.ipynb #caef2c99
+def _taken(trial:optuna.Trial, params:dict) -> bool:
+    "Whether an earlier trial of the study has `params`, and `trial` is not the retry of a trial whose worker died."
+    ts = trial.study.get_trials(deepcopy=False)
+    me = next(t for t in ts if t.number == trial.number)
+    return 'failed_trial' not in me.system_attrs and any(t.params == params for t in ts if t.number < trial.number)
+
 class Objective:
     "One trial = one run of the training notebook with the trial's parameters (a child run of the study's parent)."
     def __init__(self, space:dict, fixed:dict, parent_run_id:str, metric:str='val_accuracy', pruner:str='median',
-                 startup_trials:int=2, report:bool=True, name=None, settings:Settings|None=None):
+                 startup_trials:int=2, report:bool=True, name=None, settings:Settings|None=None, grid:bool=False):
         self.space, self.fixed, self.pid, self.metric, self.report = space, fixed, parent_run_id, metric, report
+        self.grid = grid
         self.pruning = {'pruner': pruner, 'startup_trials': startup_trials,
                         'max_epochs': int(fixed.get('epochs') or 0) or 20}
         self.name, self.settings = name or (lambda t, p: f"{t.study.study_name}-{t.number}"), settings
 
     def __call__(self, trial:optuna.Trial) -> float:
         params = suggest(trial, self.space)
+        if self.grid and _taken(trial, params):          # every combination has its trial: nothing left for this worker
+            trial.set_user_attr('surplus', True); trial.study.stop()
+            raise optuna.TrialPruned("every combination of the grid has its trial")
         run = {'study': trial.study.study_name, 'id': trial._trial_id, 'metric': self.metric, **self.pruning}
         try: r = run_training({**self.fixed, **params, 'run_name': self.name(trial, params)}, parent_run_id=self.pid,
                               log_output=False, settings=self.settings, trial=run if self.report else None,
@@ -154,6 +164,7 @@ def trial_rows(study:optuna.Study, keys:list) -> list:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
+        if a.get('surplus'): continue                    # a grid worker that found nothing left to do
         r = {**{k: t.params.get(k, '') for k in keys}, 'trial': t.number, 'status': STATUS[t.state],
              'run_id': a.get('run_id', ''), 'error': a.get('error', ''),
              **{k: a[k] for k in ('best_val_accuracy', 'best_epoch', 'epochs_run') if k in a}}
@@ -224,11 +235,31 @@ def log_study(study:optuna.Study, parent_run_id:str, keys:list, metric:str='val_
 # %% ../nbs/09_tune.ipynb #3b3a67ab
 DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
-def _finished(study) -> int: return len(study.get_trials(deepcopy=False, states=DONE))
+def _finished(study) -> int:
+    "The finished trials that count: not a grid's `surplus`, nor a trial whose worker died and that runs again."
+    ts = study.get_trials(deepcopy=False)
+    retried = {n for t in ts for n in t.system_attrs.get('retry_history', [])}
+    return sum(t.state in DONE and t.number not in retried and not t.user_attrs.get('surplus') for t in ts)
+
+def _done(study, trials:int) -> bool:
+    """Whether the study has `trials` finished trials and no retry waiting for a worker. A trial whose worker died (no
+    heartbeat for `grace_seconds`) is failed first, which queues its retry."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                  # "experimental" in Optuna
+        optuna.storages.fail_stale_trials(study)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return _finished(study) >= trials and not any('failed_trial' in t.system_attrs for t in waiting)
+
+def _until(trials:int):
+    "An Optuna callback stopping this worker when the study is `_done`."
+    def stop(study, t):
+        if _done(study, trials): study.stop()
+    return stop
 
 def _say(keys:list):
     "An Optuna callback printing each finished trial in one line."
     def say(study, t):
+        if t.user_attrs.get('surplus'): return
         what = ', '.join(f"{k}={t.params.get(k, '?')}" for k in keys)
         a = t.user_attrs
         if t.state == TrialState.COMPLETE:
@@ -248,14 +279,13 @@ def _worker(study_name:str, url:str, space:dict, fixed:dict, parent_run_id:str, 
     study = optuna.load_study(study_name=study_name, storage=open_storage(url, s),
                               sampler=make_sampler(opts['sampler'], space, seed),
                               pruner=make_pruner(opts['pruner'], opts['startup_trials']))
-    if _finished(study) >= opts['trials']: return 0
+    if _done(study, opts['trials']): return 0
     keys = list(space)
     obj = Objective(space, fixed, parent_run_id, opts['metric'], opts['pruner'], opts['startup_trials'],
-                    report=opts['pruner'] != 'none', name=opts.get('name'), settings=s)
-    stop = optuna.study.MaxTrialsCallback(opts['trials'], states=DONE)
+                    report=opts['pruner'] != 'none', name=opts.get('name'), settings=s, grid=opts['sampler'] == 'grid')
     before = _finished(study)
     study.optimize(obj, timeout=opts.get('timeout') or None, catch=(DigitError,), gc_after_trial=False,
-                   callbacks=[stop] + ([] if opts.get('quiet') else [_say(keys)]))
+                   callbacks=[_until(opts['trials'])] + ([] if opts.get('quiet') else [_say(keys)]))
     return _finished(study) - before
 
 # %% ../nbs/09_tune.ipynb #841c2bd3

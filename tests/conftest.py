@@ -69,8 +69,8 @@ GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_record
                               'tests/test_evaluation.py::test_registry_on_the_login_server',
                               'tests/test_client_venv.py::'),                    # and its venv (client_venv)
           'mlflow-server-b': ('tests/test_secrets.py::',
-                              'tests/test_training_mlflow.py::test_sweep_',
                               'tests/test_training_mlflow.py::test_killed_run_keeps_checkpoint_and_resumes'),
+          'sqlite-sweep': ('tests/test_training_mlflow.py::test_sweep_',),           # one digit-sweep --jobs 3
           'wheel': ('tests/test_wheel.py::',),                                          # the built wheel (installed)
           'evaluation-local': ('tests/test_evaluation.py::test_registry_decisions',     # the three tiny models (local)
                                'tests/test_evaluation.py::test_no_register_and_bad_model'),
@@ -80,11 +80,12 @@ GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_record
                               'tests/test_reliability.py::test_resume_says_what_it_took_the_argument_for'),
           'digit-serve': ('tests/test_serve.py::',),                                   # one digit-serve
           'served-model': ('tests/test_client.py::test_predict_through_a_served_model',  # served
-                           'tests/test_client.py::test_served_model_checks_its_input')}
+                           'tests/test_client.py::test_served_model_checks_its_input'),
+          'postgres': ('tests/test_team.py::test_two_workers_and_a_killed_one',)}     # PostgreSQL, its MLflow server
 SERVER_RUN_GROUP = 'mlflow-server-a'
 # The units that take longest (wall time under `make test`), longest first: they start first, so that none of them
 # is left running alone at the end. After them come the other tests marked slow, then the rest.
-LONGEST = ('mlflow-server-b', 'mlflow-server-a', 'tests/test_deployment.py::test_deployment_commands',
+LONGEST = ('mlflow-server-b', 'mlflow-server-a', 'postgres', 'tests/test_deployment.py::test_deployment_commands',
            'evaluation-local', 'tests/test_evaluation.py::test_pipeline_reuses_current_stages', 'wheel', 'model-store',
            'tests/test_client.py::test_each_kind_of_file')
 
@@ -200,6 +201,96 @@ def server_env(server, results, password=None):
     return {'MLFLOW_TRACKING_URI': uri, 'MLFLOW_TRACKING_USERNAME': user, 'MLFLOW_TRACKING_PASSWORD': password or pw,
             'DIGIT_PATHS_RESULTS_DIR': str(results)}
 
+
+class Postgres(tuple):
+    "`(host, port, user, password)` of a running PostgreSQL; `.url(db)` an SQLAlchemy URL, `.dir` its folder."
+    def url(self, db, password=True, scheme='postgresql+psycopg'):
+        host, port, user, pw = self
+        return f"{scheme}://{user}{':' + pw if password else ''}@{host}:{port}/{db}"
+
+
+def postgres_bin():
+    "The folder of PostgreSQL's server programs (Debian's /usr/lib/postgresql/N/bin, the newest), or None."
+    import glob, shutil
+    found = sorted(glob.glob('/usr/lib/postgresql/*/bin/initdb'), key=lambda p: int(Path(p).parts[-3]))
+    if found: return Path(found[-1]).parent
+    return Path(shutil.which('initdb')).parent if shutil.which('initdb') and shutil.which('pg_ctl') else None
+
+
+@pytest.fixture(scope='session')
+def postgres():
+    """A PostgreSQL cluster of its own in a temporary folder, on a free loopback port (TCP on 127.0.0.1 only, its
+    socket in that folder), with password login (scram-sha-256) for one role, `digit`, and three databases: mlflow
+    (MLflow's backend store), mlflow_auth (its basic-auth users) and optuna (the studies). Fast and unsafe settings
+    (no fsync): a test's throwaway database. Skipped, with the reason, where PostgreSQL's server programs are missing
+    (Debian: `apt-get install postgresql`). Run as root, the cluster belongs to the `postgres` user (initdb refuses
+    root). Stopped and removed at the end of the session."""
+    import pwd, secrets, shutil, tempfile, psycopg
+    bindir = postgres_bin()
+    if bindir is None: pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed: "
+                                   "apt-get install postgresql")
+    as_user = {}
+    if os.geteuid() == 0:
+        try: pw_ent = pwd.getpwnam('postgres')
+        except KeyError: pytest.skip("running as root and there is no 'postgres' user to own the cluster (initdb "
+                                     "refuses root): apt-get install postgresql creates it")
+        as_user = {'user': pw_ent.pw_uid, 'group': pw_ent.pw_gid, 'extra_groups': []}
+    d = Path(tempfile.mkdtemp(prefix='digit-pg-'))
+    port, password = free_port(), secrets.token_urlsafe(16)
+    (d/'pw').write_text(password + '\n'); (d/'pw').chmod(0o600)
+    if as_user:
+        for p in (d, d/'pw'): os.chown(p, as_user['user'], as_user['group'])
+    env = {'PATH': f"{bindir}:/usr/bin:/bin", 'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8', 'HOME': str(d)}
+    run = lambda *cmd: subprocess.run([str(bindir/cmd[0]), *cmd[1:]], cwd=d, env=env, capture_output=True,
+                                      text=True, timeout=120, **as_user)
+    r = run('initdb', '-D', str(d/'data'), '-U', 'digit', '--pwfile', str(d/'pw'), '-A', 'scram-sha-256',
+            '-E', 'UTF8', '--no-instructions')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (d/'pw').unlink()
+    opts = f"-p {port} -k {d} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    r = run('pg_ctl', '-D', str(d/'data'), '-l', str(d/'server.log'), '-o', opts, '-w', '-t', '60', 'start')
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + (d/'server.log').read_text()[-2000:]
+    pg = Postgres(('127.0.0.1', port, 'digit', password)); pg.dir = d
+    try:
+        with psycopg.connect(host='127.0.0.1', port=port, user='digit', password=password, dbname='postgres',
+                             autocommit=True) as c:
+            for db in ('mlflow', 'mlflow_auth', 'optuna'): c.execute(f"CREATE DATABASE {db}")
+        yield pg
+    finally:
+        run('pg_ctl', '-D', str(d/'data'), '-m', 'immediate', '-w', 'stop')
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def mlflow_pg_server(tmp_path_factory, postgres):
+    """A team's MLflow server: basic-auth login, runs in PostgreSQL (`--backend-store-uri postgresql+psycopg://...`),
+    its users in PostgreSQL too (`database_uri` of the auth config), artifacts served by the server itself
+    (`--artifacts-destination`, a folder here). The database password reaches it as PGPASSWORD (libpq's), so that no
+    URL, command line or config file holds it; yields (uri, user, password) like `mlflow_server`."""
+    import configparser, importlib.util, secrets
+    d = tmp_path_factory.mktemp('mlflow-pg-server')
+    port, password = free_port(), secrets.token_urlsafe(16)
+    auth = configparser.ConfigParser()
+    auth.read(Path(importlib.util.find_spec('mlflow').origin).parent/'server'/'auth'/'basic_auth.ini')
+    auth['mlflow']['database_uri'] = postgres.url('mlflow_auth', password=False)
+    auth['mlflow']['auth_cache_ttl_seconds'] = '3600'
+    with open(d/'basic_auth.ini', 'w') as f: auth.write(f)
+    env = {**os.environ, 'MLFLOW_AUTH_ADMIN_PASSWORD': password, 'MLFLOW_AUTH_CONFIG_PATH': str(d/'basic_auth.ini'),
+           'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16), 'PGPASSWORD': postgres[3],
+           'MLFLOW_BACKEND_STORE_URI': postgres.url('mlflow', password=False),
+           'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}
+    for k in ('MLFLOW_TRACKING_URI', 'MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
+    log = open(d/'server.log', 'w')
+    proc = subprocess.Popen([str(BIN/'mlflow'), 'server', '--app-name', 'basic-auth', '--host', '127.0.0.1',
+                             '--port', str(port), '--artifacts-destination', str(d/'artifacts'), '--workers', '1'],
+                            cwd=d, env=env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{uri}/health", proc, d/'server.log')
+    server = Server((uri, 'admin', password)); server.dir = d
+    yield server
+    proc.terminate()
+    try: proc.wait(20)
+    except subprocess.TimeoutExpired: proc.kill()
 
 # The session's tiny training run on the login server (seconds of training; a papermill kernel and MLflow around it).
 TINY_RUN = ['--epochs', '2', '--max-train-samples', '1000', '--batch-size', '100']

@@ -1,5 +1,5 @@
-"""`digit-train` and `digit-sweep` against a real MLflow server with login: what lands there, and what happens when
-it can't."""
+"""`digit-train` against a real MLflow server with login: what lands there, and what happens when it can't; and
+`digit-sweep` running three trainings at once on the default local SQLite stores."""
 import csv, json, re
 from pathlib import Path
 import numpy as np
@@ -104,19 +104,26 @@ def test_executed_notebook_and_no_secrets(trained, client, mlflow_server, tmp_pa
 
 
 @pytest.fixture(scope='module')
-def sweep(tmp_path_factory, mlflow_server, run_cli, data_ready):
-    """This module's sweep against the server: two learning rates x two optimizers, two runs at a time. 'lion' is not
-    an optimizer: its two children fail (before a run or a kernel exists), the two 'adamw' ones finish. One sweep for
-    the parent-and-children tests and the failed-child test: `(completed_process, results)`."""
-    results = tmp_path_factory.mktemp('sweep')
-    r = run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'optimizer=adamw,lion', '--jobs', '2',
-                '--epochs', '1', '--max-train-samples', '600', '--no-augment', env=server_env(mlflow_server, results))
-    return r, results
+def sweep(tmp_path_factory, run_cli, data_ready):
+    """This module's sweep on the default local stores (a SQLite MLflow store and the study's SQLite storage, fresh in
+    a temporary folder): two learning rates x two optimizers, three runs at a time, so that three workers and their
+    kernels write to one mlflow.db at once. 'lion' is not an optimizer: its two children fail (before a run or a kernel
+    exists), the two 'adamw' ones finish. One sweep for the parent-and-children tests and the failed-child test:
+    `(completed_process, folder, client)`."""
+    import mlflow
+    d = tmp_path_factory.mktemp('sweep')
+    uri = f"sqlite:///{d/'mlflow.db'}"
+    env = {'MLFLOW_TRACKING_URI': uri, 'DIGIT_PATHS_RESULTS_DIR': str(d/'results'),
+           'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}
+    r = run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'optimizer=adamw,lion', '--jobs', '3',
+                '--epochs', '1', '--max-train-samples', '600', '--no-augment', env=env)
+    return r, d, mlflow.MlflowClient(uri)
 
 
 @pytest.mark.slow
-def test_sweep_parent_and_children(sweep, client, tmp_path):
-    r, _ = sweep
+def test_sweep_parent_and_children(sweep, tmp_path):
+    r, d, client = sweep
+    assert 'database is locked' not in r.stdout + r.stderr
     pid = re.search(r'^sweep ([0-9a-f]{32}):', r.stdout, re.M)
     assert pid, r.stdout[-3000:] + r.stderr[-3000:]
     pid = pid.group(1)
@@ -126,6 +133,8 @@ def test_sweep_parent_and_children(sweep, client, tmp_path):
     assert sorted((c.data.params['lr'], c.data.params['optimizer']) for c in children) == [('0.003', 'adamw'),
                                                                                           ('0.03', 'adamw')]
     assert all(c.info.status == 'FINISHED' and c.data.params['epochs'] == '1' for c in children)
+    assert sorted(p.name for p in (d/'results').iterdir() if p.is_dir() and p.name != 'notebooks') == sorted(
+        c.info.run_id for c in children)                                          # no run lost, none trained twice
     local = Path(client.download_artifacts(pid, 'comparison.csv', str(tmp_path)))
     header, *rows = csv.reader(local.read_text().splitlines())
     assert header[:4] == ['lr', 'optimizer', 'status', 'best_val_accuracy']
@@ -135,14 +144,21 @@ def test_sweep_parent_and_children(sweep, client, tmp_path):
     assert {a.path for a in client.list_artifacts(pid)} >= {'comparison.csv', 'comparison.md', 'comparison.png'}
     best = max(children, key=lambda c: c.data.metrics['best_val_accuracy'])
     assert parent.data.tags['best_run_id'] == best.info.run_id
+    # the sweep is a grid study in the default study storage, beside the runs: one trial per combination
+    import optuna
+    study = optuna.load_study(study_name=parent.info.run_name, storage=f"sqlite:///{d/'results'/'optuna.db'}")
+    trials = [t for t in study.get_trials() if not t.user_attrs.get('surplus')]
+    assert sorted((t.params['lr'], t.params['optimizer'], t.state.name) for t in trials) == [
+        (0.003, 'adamw', 'COMPLETE'), (0.003, 'lion', 'FAIL'), (0.03, 'adamw', 'COMPLETE'), (0.03, 'lion', 'FAIL')]
 
 
 @pytest.mark.slow
 def test_sweep_failed_child_does_not_stop_others(sweep):
-    r, _ = sweep
+    r, _, _ = sweep
     assert r.returncode == 1 and r.stdout.count("FAILED: optimizer: unknown 'lion'") == 2, r.stdout[-3000:]
     assert r.stderr.strip().splitlines()[-1] == 'error: 2 of 4 runs failed (see the table above)'
     assert len(re.findall(r'^\| 0\.0(03|3) \| adamw \| ok \| 0\.\d{4} \|', r.stdout, re.M)) == 2, r.stdout[-3000:]
+    assert 'database is locked' not in r.stdout + r.stderr
 
 
 @pytest.mark.slow
