@@ -69,9 +69,9 @@ def export_onnx(net:nn.Module,   # a model that returns class probabilities for 
     import io, warnings
     from contextlib import redirect_stdout
     net = copy.deepcopy(net).cpu().eval().to(memory_format=torch.contiguous_format)
+    buf = io.BytesIO()
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-        warnings.simplefilter('ignore')
-        prog = torch.onnx.export(net, (torch.rand(2, 28, 28),), input_names=['images'], output_names=['probabilities'],
-                                 dynamic_shapes=({0: torch.export.Dim('batch')},), dynamo=True, verbose=False)
-    data = prog.model_proto.SerializeToString()
-    return atomic_write(path, lambda f: f.write(data))
+        warnings.simplefilter('ignore')                  # the TorchScript route's deprecation notice
+        torch.onnx.export(net, (torch.rand(2, 28, 28),), buf, input_names=['images'], output_names=['probabilities'],
+                          dynamic_axes={'images': {0: 'batch'}, 'probabilities': {0: 'batch'}}, dynamo=False)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
