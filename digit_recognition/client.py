@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .config import Settings, DigitError, command, atomic_write
 from .images import IMAGE_SUFFIXES, to_gray, to_mnist_checked, _name
-from .tracking import RUN_ID
+from .tracking import RUN_ID, logged_run_id
 
 # %% ../nbs/07_client.ipynb #c036f22b
 @dataclass
@@ -99,13 +99,7 @@ def _logged_onnx(uri:str, s:Settings) -> Path|None:
     "The ONNX file of the model logged at `uri` (`runs:/`, `models:/`): its run's own on this machine, else downloaded."
     import mlflow
     try:
-        if uri.startswith('runs:/'): run_id = uri.removeprefix('runs:/').split('/')[0]
-        else:
-            name, _, version = uri.removeprefix('models:/').partition('/')
-            name, _, alias = name.partition('@')
-            c, run_id = mlflow.MlflowClient(), ''
-            if alias: run_id = c.get_model_version_by_alias(name, alias).run_id
-            elif version.isdigit(): run_id = c.get_model_version(name, version).run_id
+        run_id = logged_run_id(uri)
         local = s.path('paths', 'results_dir')/(run_id or '-')/'model.onnx'
         if run_id and local.is_file(): return local                       # the same file, here: no download
         os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')   # no progress bars in the output

@@ -25,7 +25,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, command, get_device, atomic_write
 from .data import load_cleaned, show_grid
-from .tracking import connect_tracking, _tracking_error, shipped_notebook, run_notebook, RUN_ID
+from .tracking import (connect_tracking, _tracking_error, shipped_notebook, run_notebook, RUN_ID,
+                                        logged_run_id)
 from .training import (Probabilities, probabilities_from_checkpoint, load_checkpoint,
                                         calibration)
 
@@ -60,13 +61,7 @@ def resolve_model(source:str='', settings:Settings|None=None) -> ModelRef:
     if source.startswith('runs:/'):
         return ModelRef(source, source.removeprefix('runs:/').split('/')[0], uri=source)
     if source.startswith('models:/'):
-        name, _, version = source.removeprefix('models:/').partition('/')
-        name, _, alias = name.partition('@')
-        try:
-            c = mlflow.MlflowClient()
-            if alias: run_id = c.get_model_version_by_alias(name, alias).run_id
-            elif version: run_id = c.get_model_version(name, version).run_id
-            else: run_id = mlflow.models.get_model_info(source).run_id
+        try: run_id = logged_run_id(source) or mlflow.models.get_model_info(source).run_id
         except (MlflowException, OSError) as e:
             raise DigitError(f"model: cannot find {source} ({str(e).strip().splitlines()[0][:160]})") from None
         ck = s.path('paths', 'results_dir')/(run_id or '-')/'best.pt'  # the same weights, on this machine: no download
