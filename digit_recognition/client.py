@@ -60,6 +60,12 @@ def _first_line(e) -> str:
     "An exception's first line, short enough for a one-line error."
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
+def _threshold(v) -> float|None:
+    "A model's stored 'not sure' threshold as a probability, or None when it has none (or none that makes sense)."
+    try: t = float(v)
+    except (TypeError, ValueError): return None
+    return t if 0 <= t <= 1 else None
+
 class OnnxModel:
     "A network exported to ONNX, run by ONNX Runtime on the CPU: N x 28 x 28 images in 0..1 -> N x 10 probabilities."
     def __init__(self,
@@ -74,6 +80,8 @@ class OnnxModel:
         try: self.session = ort.InferenceSession(str(path), o, providers=['CPUExecutionProvider'])
         except Exception as e: raise DigitError(f"model: cannot load {path} ({_first_line(e)})") from None
         self.path, self.input = Path(path), self.session.get_inputs()[0].name
+        meta = self.session.get_modelmeta().custom_metadata_map       # what `export_onnx` wrote with the graph
+        self.reject_threshold = _threshold(meta.get('reject_threshold'))
     def __call__(self, x:np.ndarray) -> np.ndarray:
         "Probabilities (N x 10) for float32 images `x` (N x 28 x 28, 0..1)."
         return self.session.run(None, {self.input: np.ascontiguousarray(x, np.float32)})[0]
@@ -171,24 +179,29 @@ class DigitPredictor:
                  source:str='',             # what it was loaded from, for messages
                  batch_size:int=256,        # images per call of the model
                  min_confidence:float=0.0,  # below this probability, the answer is "not sure"
+                 threshold_from:str='argument',  # where `min_confidence` came from: 'model', 'settings', ...
                 ):
         self.model, self.source, self.batch_size = model, source, batch_size
-        self.min_confidence = _probability(min_confidence)
+        self.min_confidence, self.threshold_from = _probability(min_confidence), threshold_from
 
     @classmethod
     def load(cls,
              source:str|None=None,  # None (the champion), .onnx, checkpoint, run folder, run id, URI or served URL
              device:str='cpu',      # where a PyTorch network runs: 'cpu', 'cuda', 'mps' or 'auto'
              settings:Settings|None=None,
-             min_confidence:float|None=None,  # default: `[client] min_confidence` of the settings
+             min_confidence:float|None=None,  # default: a `[client] min_confidence` you set, else the model's own
              backend:str='auto',    # 'auto' (ONNX Runtime when it can), 'onnx' or 'torch'
             ):
         "A predictor for the model in `source` (`open_model`), or for a model served at an http(s) URL."
         s = settings or Settings()
-        mc = _probability(s.get('client', 'min_confidence', min_confidence))
+        mc, origin = s.lookup('client', 'min_confidence', min_confidence)
+        mc = _probability(mc)
         source = str(source or f"models:/{s.get('mlflow', 'registered_model')}@champion")
-        if source.startswith(('http://', 'https://')): return cls(ServedModel(source), source, min_confidence=mc)
-        return cls(open_model(source, s, device, backend), source, min_confidence=mc)
+        model = ServedModel(source) if source.startswith(('http://', 'https://')) else open_model(source, s, device,
+                                                                                                  backend)
+        own = _threshold(getattr(model, 'reject_threshold', None))
+        if origin == 'defaults' and own is not None: mc, origin = own, 'model'         # nobody set one: the model's
+        return cls(model, source, min_confidence=mc, threshold_from=origin)
 
     @property
     def backend(self) -> str:
@@ -289,8 +302,9 @@ def predict_parser() -> argparse.ArgumentParser:
     "The `digit-predict` command line."
     p = argparse.ArgumentParser('digit-predict', description="Read handwritten digits from image files (photos, scans, "
         "drawings): prints a table, or writes JSON / CSV. An image that does not look like one digit, or that the "
-        "model reads with a probability below --min-confidence, is answered '?' (not sure) with the reason: no ink, "
-        "too little ink, too much ink, several separate shapes, low confidence. Runs the model with ONNX Runtime when "
+        "model reads with a calibrated probability below its threshold (the model's own, fitted when it was trained, "
+        "or --min-confidence), is answered '?' (not sure) with the reason: no ink, too much ink (a page covered in "
+        "it), low confidence. Runs the model with ONNX Runtime when "
         "it is installed and the model has an ONNX file, else with PyTorch. Exit status 0 when every input was "
         "answered (a digit or not sure), 1 if any input could not be read or the model could not be loaded.")
     p.add_argument('paths', nargs='+', metavar='PATH',
@@ -302,7 +316,8 @@ def predict_parser() -> argparse.ArgumentParser:
                    help="use a model served by `mlflow models serve` at URL instead of loading one")
     p.add_argument('--min-confidence', type=float, default=None, metavar='P',
                    help="answer 'not sure' when the model's calibrated probability for its best guess is below P, "
-                        "0..1 (default: [client] min_confidence in settings.ini)")
+                        "0..1 (default: [client] min_confidence if you set it, else the model's own threshold, "
+                        "else [client] min_confidence)")
     p.add_argument('--top-k', type=int, default=3, help="how many candidates to list per image (default: %(default)s)")
     p.add_argument('--format', choices=['table', 'json', 'csv'], default='table',
                    help="output format; in JSON and CSV an answer that is not sure has no digit and a reason "
@@ -428,7 +443,7 @@ def client_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', default=None,
                    help="a run id, runs:/ or models:/ URI, checkpoint, or served model URL (default: the champion)")
     p.add_argument('--min-confidence', type=float, default=None, metavar='P',
-                   help="answer 'not sure' below this probability, 0..1 (default: [client] min_confidence)")
+                   help="answer 'not sure' below this probability, 0..1 (default: the model's own threshold)")
     p.add_argument('--save-dir', default='drawings', help="where Save puts the PNGs (default: %(default)s)")
     return p
 

@@ -55,6 +55,10 @@ test_size = 0.1
 images_val_size = 0.2
 # Images with fewer ink pixels (grey level >= 128) than this count as blank.
 min_ink = 10
+# Non-digits made to teach the model "not a digit" (outliers.py; dataset_cleaned/outliers.npz); 0 = none.
+outliers = 12000
+# Validation digits also photographed and drawn (dataset_cleaned/views.npz), for the "not sure" threshold; 0 = none.
+views = 5000
 seed = 42
 
 [mlflow]
@@ -79,6 +83,13 @@ device = auto
 max_train_samples = 0
 # 0: the whole one-cycle schedule (stopping in its middle, at a high learning rate, leaves a worse model)
 patience = 0
+# Outlier exposure: non-digits (dataset_cleaned/outliers.npz) shown with each batch, as a share of its digits, and
+# the weight of their loss (cross-entropy to the uniform distribution); outlier_share = 0: digits only.
+outlier_share = 0.25
+outlier_weight = 0.5
+# The "not sure" threshold stored with the model answers so for at most this share of validation digits (MNIST's,
+# photographed and drawn).
+reject_rate = 0.004
 
 [distributed]
 # Data-parallel training (digit-train --nproc-per-node): training processes on this machine; 1 = one process, no
@@ -100,7 +111,8 @@ register = true
 batch_size = 1000
 
 [client]
-# digit-predict and the pad answer "not sure" when the model's calibrated probability for its best guess is below this.
+# digit-predict, the pads and digit-serve answer "not sure" below the model's own threshold (fitted when it was
+# trained, stored with it); set this to use your own instead. Models without a threshold use this value.
 min_confidence = 0.7
 
 [serve]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from fastcore.script import anno_parser
 from .config import Settings, DigitError, command, atomic_write
 from .images import BadImage, read_digit_image
+from .outliers import load_outliers, load_views
 
 # %% ../nbs/02_data.ipynb #18108e2d
 MNIST_FILES = {  # uncompressed name: (bytes, md5, IDX magic number)
@@ -547,11 +548,19 @@ def make_dataset(
     seed:int=None,       # Seed of the train/validation split (default: settings.ini)
     min_ink:int=None,    # Images with fewer ink pixels than this are removed as blank (default: settings.ini)
     force:bool=False,    # Rebuild even if the cleaned dataset is current
+    outliers:int=None,   # Non-digits to make for training the model's "not sure"; 0: none (default: settings.ini)
+    views:int=None,      # Validation digits to photograph and draw for its threshold; 0: none (default: settings.ini)
 ):
-    "Get MNIST (or your own images), verify, clean, split and version it into dataset_cleaned/."
+    "Get MNIST (or your own images), verify, clean, split and version it into dataset_cleaned/, with the non-digits."
     s, t0 = Settings(), time.time()
     m = prepare_data(source, images, out, val_size, seed, min_ink, force, settings=s)
     print(summary(m))
+    data = load_cleaned(out, splits=('train', 'val'), settings=s)
+    if pool := load_outliers(data, s, outliers, out):
+        print(f"  non-digits {len(pool['images']):>6,} images  version {pool['version']}  ({len(pool['families'])} "
+              f"training families; {sum(pool['caught'].values()):,} more made, answered by the ink rules)")
+    if v := load_views(data, s, views, out):
+        print(f"  views  {len(v['labels']):>8,} validation digits, photographed and drawn")
     print(f"  written to {s.path('paths', 'cleaned_dir', out)} ({time.time()-t0:.1f} s)")
 
 # %% ../nbs/02_data.ipynb #dca4b1de

@@ -62,11 +62,12 @@ def count_parameters(model:nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 # %% ../nbs/03_model.ipynb #6defe982
-def export_onnx(net:nn.Module,   # a model that returns class probabilities for N x 28 x 28 images in 0..1
-                path,            # the `.onnx` file to write (atomically)
+def export_onnx(net:nn.Module,           # a model that returns class probabilities for N x 28 x 28 images in 0..1
+                path,                    # the `.onnx` file to write (atomically)
+                metadata:dict|None=None, # facts that travel with the model (`temperature`, `reject_threshold`)
                ) -> Path:
     "Write `net` as an ONNX graph: input `images` (float32, N x 28 x 28, 0..1) -> `probabilities` (N x 10)."
-    import io, warnings
+    import io, warnings, onnx
     from contextlib import redirect_stdout
     net = copy.deepcopy(net).cpu().eval().to(memory_format=torch.contiguous_format)
     buf = io.BytesIO()
@@ -74,4 +75,6 @@ def export_onnx(net:nn.Module,   # a model that returns class probabilities for 
         warnings.simplefilter('ignore')                  # the TorchScript route's deprecation notice
         torch.onnx.export(net, (torch.rand(2, 28, 28),), buf, input_names=['images'], output_names=['probabilities'],
                           dynamic_axes={'images': {0: 'batch'}, 'probabilities': {0: 'batch'}}, dynamo=False)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    m = onnx.load_from_string(buf.getvalue())
+    onnx.helper.set_model_props(m, {k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    return atomic_write(path, lambda f: f.write(m.SerializeToString()))

@@ -55,6 +55,7 @@ def model_card(source:str,                # what the model was loaded from
     if run_id is None and p.exists(): run_id = next((d.name for d in (p, p.parent) if RUN_ID.match(d.name)), None)
     card = {'source': source, 'name': name or None, 'version': str(version or v or '') or None, 'alias': alias or None,
             'run_id': run_id, 'backend': predictor.backend, 'min_confidence': predictor.min_confidence,
+            'threshold_from': predictor.threshold_from,
             'dataset_version': None, 'test_accuracy': None, 'test_ece': None, 'loaded_at': time.time()}
     if run_id and (name or not p.exists()): card.update(_run_facts(run_id))   # tracking only for tracked models
     return card

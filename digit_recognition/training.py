@@ -6,11 +6,12 @@ Docs: https://digit-recognition.github.io/digit-recognition/training.html.md"""
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'TRAIN_PARAMS', 'MODEL_CODE', 'DIST_OPTIONS', 'RUN_OPTIONS', 'augment_batch', 'evaluate',
-           'progress_bar', 'train_epoch', 'shard', 'world_info', 'rank_seed', 'make_optimizer', 'make_schedule',
-           'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'TrainParams', 'fit', 'plot_curves',
-           'calibration', 'predict_logits', 'fit_temperature', 'calibrate', 'Probabilities',
-           'probabilities_from_checkpoint', 'calibrate_checkpoint', 'dataset_input', 'check_images', 'pyfunc_class',
-           'log_model', 'resume_checkpoint', 'resume_conflicts', 'make_pruner', 'trial_reporter', 'distributed_options',
+           'progress_bar', 'uniform_loss', 'train_epoch', 'shard', 'world_info', 'rank_seed', 'make_optimizer',
+           'make_schedule', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint', 'TrainParams', 'fit',
+           'plot_curves', 'calibration', 'predict_logits', 'fit_temperature', 'calibrate', 'Probabilities',
+           'probabilities_from_checkpoint', 'reject_threshold', 'top_probability', 'fit_rejection',
+           'calibrate_checkpoint', 'finish_checkpoint', 'dataset_input', 'check_images', 'pyfunc_class', 'log_model',
+           'resume_checkpoint', 'resume_conflicts', 'make_pruner', 'trial_reporter', 'distributed_options',
            'worker_failure', 'launch_fit', 'join_training', 'train', 'training_notebook', 'param_specs',
            'add_parameter_flags', 'add_distributed_flags', 'train_parser', 'run_training', 'explicit_args',
            'digit_train']
@@ -29,6 +30,7 @@ from fastcore.docments import docments
 from .config import (Settings, DigitError, command, get_device, seed_everything, package_defaults,
                                       typed, atomic_write)
 from .data import load_cleaned
+from .outliers import load_outliers, load_views
 from .model import get_model, export_onnx
 from .tracking import (connect_tracking, _tracking_error, redact, git_commit, shipped_notebook,
                                         run_notebook, mark_stale_runs, use_experiment, RUN_ID)
@@ -83,6 +85,12 @@ def progress_bar(*args, **kwargs):
     if mode == 'log': kwargs.update(mininterval=10, maxinterval=60)   # a log file, not a terminal: no flood of updates
     return (tqdm.std.tqdm if mode else tqdm.auto.tqdm)(*args, **kwargs)
 
+# %% ../nbs/05_training.ipynb #059bfe7f
+def uniform_loss(logits:torch.Tensor,  # N x classes
+                ) -> torch.Tensor:     # a scalar: the mean over the N images
+    "Outlier exposure's term: the mean cross-entropy of `softmax(logits)` to uniform, less its minimum log(classes)."
+    return (torch.logsumexp(logits, 1) - logits.mean(1)).mean() - math.log(logits.shape[1])
+
 # %% ../nbs/05_training.ipynb #22e64301
 def train_epoch(model,                      # the classifier, on the device to train on
                 x,                          # uint8 training images, N x 1 x 28 x 28
@@ -96,20 +104,27 @@ def train_epoch(model,                      # the classifier, on the device to t
                 desc:str='train',           # the progress bar's label
                 rank_world:tuple=(0, 1),    # `(rank, processes)`: of data-parallel processes, this one's `shard`
                 aug_generator=None,         # augments, when this process's augmentation has a seed of its own
+                outliers=None,              # uint8 non-digits, K x 1 x 28 x 28, for outlier exposure; None: none
+                outlier_share:float=0.0,    # non-digits shown per step, as a share of the step's digits
+                outlier_weight:float=0.5,   # the weight of their `uniform_loss` beside the digits' cross-entropy
                ) -> dict:                   # mean training `loss` and `accuracy` over the epoch (this process's images)
     "One pass over uint8 images `x` / labels `y`, stepping `opt` (and `sched`) per batch; returns loss and accuracy."
     device = next(model.parameters()).device
     cl = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    aug = generator if aug_generator is None else aug_generator
     model.train(); loss_sum = correct = n = 0
     bar = progress_bar(_batches(len(y), batch_size, generator, *rank_world), desc=desc, leave=False, mininterval=0.5,
                        disable=rank_world[1] > 1)     # several processes: the epoch lines only (see `launch_fit`)
     for idx in bar:
         xb, yb = _prep(x[idx], device, cl), y[idx].to(device, non_blocking=True)
-        if augment: xb = augment_batch(xb, generator=generator if aug_generator is None else aug_generator)
-        out = model(xb); loss = F.cross_entropy(out, yb, label_smoothing=label_smoothing)
+        k = round(outlier_share*len(idx)) if outliers is not None else 0
+        if k: xb = torch.cat([xb, _prep(outliers[torch.randint(len(outliers), (k,), generator=aug)], device, cl)])
+        if augment: xb = augment_batch(xb, generator=aug)
+        out = model(xb); loss = F.cross_entropy(out[:len(idx)], yb, label_smoothing=label_smoothing)
+        if k: loss = loss + outlier_weight*uniform_loss(out[len(idx):])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if sched is not None: sched.step()
-        loss_sum += loss.item()*len(idx); correct += (out.argmax(1) == yb).sum().item(); n += len(idx)
+        loss_sum += loss.item()*len(idx); correct += (out[:len(idx)].argmax(1) == yb).sum().item(); n += len(idx)
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
@@ -228,6 +243,9 @@ class TrainParams:
     device: str = _d['device']               # 'auto' (CUDA, then MPS, then CPU), 'cpu', 'cuda' or 'mps'
     max_train_samples: int = _d['max_train_samples']  # use only this many training images; 0 for all
     patience: int = _d['patience']           # stop after this many epochs without a better val accuracy; 0: never
+    outlier_share: float = _d['outlier_share']    # non-digits shown per step, as a share of the batch; 0: none
+    outlier_weight: float = _d['outlier_weight']  # weight of the non-digits' loss (cross-entropy to uniform)
+    reject_rate: float = _d['reject_rate']   # the "not sure" threshold answers so for at most this share of val digits
 
     def __post_init__(self):
         for f in fields(self):
@@ -242,14 +260,17 @@ class TrainParams:
     def check(self):
         "Raise a one-line `DigitError` for a value that cannot work."
         get_model(self.model); get_device(self.device)
-        for k in ('lr', 'weight_decay', 'label_smoothing'):
+        for k in ('lr', 'weight_decay', 'label_smoothing', 'outlier_share', 'outlier_weight', 'reject_rate'):
             v = getattr(self, k)
             if not math.isfinite(v): raise DigitError(f"{k}: {v} (expected a finite number)")
         for k in ('epochs', 'batch_size'):
             if getattr(self, k) < 1: raise DigitError(f"{k}: {getattr(self, k)} (expected at least 1)")
         if not 0 < self.lr <= 10: raise DigitError(f"lr: {self.lr} (expected above 0 and at most 10)")
-        for k in ('weight_decay', 'max_train_samples', 'patience'):
+        for k in ('weight_decay', 'max_train_samples', 'patience', 'outlier_weight'):
             if getattr(self, k) < 0: raise DigitError(f"{k}: {getattr(self, k)} (expected 0 or more)")
+        if not 0 <= self.outlier_share <= 4:
+            raise DigitError(f"outlier_share: {self.outlier_share} (expected 0 to 4 non-digits per digit)")
+        if not 0 <= self.reject_rate < 0.5: raise DigitError(f"reject_rate: {self.reject_rate} (expected 0 to 0.5)")
         if not 0 <= self.seed < 2**32: raise DigitError(f"seed: {self.seed} (expected 0 to {2**32 - 1})")
         if not 0 <= self.label_smoothing < 1:
             raise DigitError(f"label_smoothing: {self.label_smoothing} (expected 0 to 1)")
@@ -287,6 +308,11 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
             dev = torch.device('cuda', torch.cuda.current_device())
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     xt, yt, xv, yv = (t.to(dev) for t in (xt, yt, xv, yv))
+    pool = load_outliers(data=data, quiet=rank > 0) if p.outlier_share > 0 else None
+    if p.outlier_share > 0 and (pool is None or not len(pool['images'])):
+        print("outlier_share is set but there are no non-digits ([data] outliers = 0): digits only", flush=True)
+        pool = None
+    ox = torch.from_numpy(pool['images']).unsqueeze(1).to(dev) if pool else None
     model.to(dev)
     if any(isinstance(m, nn.Conv2d) for m in model.modules()): model.to(memory_format=torch.channels_last)
     net = model                                                   # the network itself: evaluated and saved
@@ -304,7 +330,8 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
         own = torch.Generator().manual_seed(rank_seed(seed, rank)) if rank else None
         lr_now = opt.param_groups[0]['lr']; t0 = time.time()
         tr = train_epoch(model, xt, yt, opt, sched, p.batch_size, p.augment, g, p.label_smoothing,
-                         desc=f"epoch {epoch}/{p.epochs}", rank_world=(rank, world), aug_generator=own)
+                         desc=f"epoch {epoch}/{p.epochs}", rank_world=(rank, world), aug_generator=own,
+                         outliers=ox, outlier_share=p.outlier_share, outlier_weight=p.outlier_weight)
         secs = time.time() - t0
         if world > 1:
             for b in net.buffers(): torch.distributed.broadcast(b, 0)   # rank 0's batch-norm statistics, as saved
@@ -319,8 +346,8 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
         if rank == 0:                                       # one process writes and prints
             sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
             if best: save_checkpoint(out_dir/'best.pt', model=sd, params=asdict(p), epoch=epoch,
-                                     val_accuracy=va['accuracy'],
-                                     dataset_version=data.version)
+                                     val_accuracy=va['accuracy'], dataset_version=data.version,
+                                     **({'outliers_version': pool['version']} if pool else {}))
             save_checkpoint(out_dir/'last.pt', model=sd, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                             params=asdict(p), dataset_version=data.version,
                             **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
@@ -408,8 +435,10 @@ class Probabilities(nn.Module):
     "Wrap a classifier so that it returns calibrated class probabilities: `softmax(model(x)/temperature)`."
     def __init__(self,
                  model:nn.Module,          # the classifier, returning logits
-                 temperature:float=1.0):   # divides the logits; fitted by `calibrate` (1: as trained)
+                 temperature:float=1.0,    # divides the logits; fitted by `calibrate` (1: as trained)
+                 reject_threshold:float|None=None):  # below this top probability: "not sure" (`fit_rejection`)
         super().__init__(); self.model, self.temperature = model, float(temperature)
+        self.reject_threshold = reject_threshold
     def forward(self, x):
         "Class probabilities for images `x`."
         t = getattr(self, 'temperature', 1.0)   # a module pickled before calibration existed has none: T = 1
@@ -418,22 +447,67 @@ class Probabilities(nn.Module):
 # %% ../nbs/05_training.ipynb #e02eda68
 def probabilities_from_checkpoint(path,  # a `best.pt` (with or without a `temperature`)
                                  ) -> Probabilities:
-    "The calibrated model of a checkpoint: `Probabilities` with its `temperature` (1 if it has none), in eval mode."
+    "The calibrated model of a checkpoint: `Probabilities` with its `temperature` (1 if none) and `reject_threshold`."
     ck = load_checkpoint(path)
-    return Probabilities(model_from_checkpoint(ck), ck.get('temperature', 1.0)).eval()
+    return Probabilities(model_from_checkpoint(ck), ck.get('temperature', 1.0), ck.get('reject_threshold')).eval()
+
+# %% ../nbs/05_training.ipynb #d650e885
+def reject_threshold(confidence:np.ndarray,  # the calibrated top probability of each digit
+                     rate:float,             # at most this share of them may fall below the threshold
+                    ) -> float:              # the threshold: "not sure" below it
+    "The highest threshold that leaves at most `rate` of `confidence` below it."
+    c = np.sort(np.asarray(confidence, np.float64))
+    return float(c[min(int(rate*len(c)), len(c) - 1)]) if len(c) else 0.0
+
+# %% ../nbs/05_training.ipynb #939cb339
+def top_probability(net:nn.Module,     # `Probabilities`: a calibrated model
+                    x,                 # uint8 images, N x 28 x 28 or N x 1 x 28 x 28 (numpy or torch)
+                   ) -> np.ndarray:    # N values in 0..1
+    "The calibrated probability of the best class of each of `x`, computed in batches."
+    x = torch.as_tensor(np.asarray(x)).reshape(-1, 1, 28, 28)
+    t = getattr(net, 'temperature', 1.0)
+    return torch.softmax(predict_logits(net.model, x)/t, dim=1).max(1).values.numpy()
+
+def fit_rejection(net:nn.Module,     # `Probabilities`: the calibrated model
+                  views:dict,        # {name: uint8 digits, N x 28 x 28}: the validation split, as photos, as drawings
+                  rate:float=0.004,  # at most this share of each view answered "not sure"
+                 ) -> dict:          # `reject_threshold`, and `rejected`: {view: the share below it}
+    "The 'not sure' threshold on the top probability: the highest that refuses at most `rate` of each view of digits."
+    conf = {k: top_probability(net, v) for k, v in views.items() if len(v)}
+    t = min(reject_threshold(c, rate) for c in conf.values())
+    return {'reject_threshold': t, 'rejected': {k: float((c < t).mean()) for k, c in conf.items()}}
 
 # %% ../nbs/05_training.ipynb #38d5ba53
-def calibrate_checkpoint(path,             # the run's `best.pt`, rewritten with its `temperature`
-                         x:torch.Tensor,   # uint8 validation images, N x 1 x 28 x 28
-                         y:torch.Tensor,   # their labels
-                         n_bins:int=15,    # confidence bins of the ECE
-                        ) -> dict:         # what `calibrate` measured
-    "Calibrate the network in checkpoint `path` on `x`, `y` and store the temperature (and the ECEs) in it."
+def calibrate_checkpoint(path,              # the run's `best.pt`, rewritten with its temperature and threshold
+                         x:torch.Tensor,    # uint8 validation images, N x 1 x 28 x 28
+                         y:torch.Tensor,    # their labels
+                         n_bins:int=15,     # confidence bins of the ECE
+                         views:dict|None=None,  # other views of the validation digits, {name: N x 28 x 28 uint8}
+                         reject_rate:float=0.004,  # the threshold refuses at most this share of each view
+                        ) -> dict:          # what `calibrate` and `fit_rejection` measured
+    "Calibrate the network in checkpoint `path` on `x`, `y`, fit its 'not sure' threshold, and store both in it."
     ck = load_checkpoint(path)
-    r = calibrate(model_from_checkpoint(ck), x, y, n_bins)
+    net = model_from_checkpoint(ck)
+    r = calibrate(net, x, y, n_bins)
+    rej = fit_rejection(Probabilities(net, r['temperature']), {'val': x, **(views or {})}, reject_rate)
     save_checkpoint(path, **{**ck, 'temperature': r['temperature'], 'val_ece_uncalibrated': r['ece_uncalibrated'],
-                             'val_ece': r['ece']})
-    return r
+                             'val_ece': r['ece'], 'reject_threshold': rej['reject_threshold'],
+                             'reject_rate': reject_rate, 'rejected': rej['rejected']})
+    return {**r, **rej}
+
+# %% ../nbs/05_training.ipynb #2ff7a692
+def finish_checkpoint(out_dir,                    # the run folder, with its `best.pt`
+                      data,                       # the `CleanedData`, with its validation split
+                      params:TrainParams,         # the run's knobs (`reject_rate`)
+                      settings:Settings|None=None,  # the project's ([data] views)
+                     ) -> dict:                   # what `calibrate_checkpoint` measured
+    "Calibrate `best.pt` in `out_dir` and fit its 'not sure' threshold, then write `model.onnx` beside it."
+    views = {k: v for k, v in load_views(data, settings).items() if k != 'labels'}
+    cal = calibrate_checkpoint(Path(out_dir)/'best.pt', *data.val, views=views, reject_rate=params.reject_rate)
+    net = probabilities_from_checkpoint(Path(out_dir)/'best.pt')
+    export_onnx(net, Path(out_dir)/'model.onnx', metadata={'temperature': net.temperature,
+                                                            'reject_threshold': net.reject_threshold})
+    return cal
 
 # %% ../nbs/05_training.ipynb #19b9d2df
 def dataset_input(data, cleaned_dir):
@@ -490,13 +564,15 @@ def log_model(checkpoint,              # the run's `best.pt`
     import digit_recognition, tempfile, mlflow
     from mlflow.models import infer_signature
     x = (example.float()/255).reshape(-1, 28, 28).numpy()   # a batch of 28x28 images, as clients send them
-    with torch.no_grad(): y = probabilities_from_checkpoint(checkpoint)(torch.from_numpy(x)).numpy()
+    net = probabilities_from_checkpoint(checkpoint)
+    with torch.no_grad(): y = net(torch.from_numpy(x)).numpy()
+    facts = {k: getattr(net, k) for k in ('temperature', 'reject_threshold') if getattr(net, k) is not None}
     artifacts = {'checkpoint': str(checkpoint), **({'onnx': str(onnx)} if onnx else {})}
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter('ignore')
         code = Path(d)/'digit_model.py'; code.write_text(MODEL_CODE)
         return mlflow.pyfunc.log_model(name='model', python_model=str(code), artifacts=artifacts,
-                                       signature=infer_signature(x, y), input_example=x,
+                                       signature=infer_signature(x, y), input_example=x, metadata=facts,
                                        code_paths=[str(Path(digit_recognition.__file__).parent)],
                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                                                          f"mlflow=={mlflow.__version__}", 'numpy'])
@@ -727,6 +803,8 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings,
     if not resumed:
         mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training',
                          tags={'dataset_version': data.version})
+    if params.outlier_share > 0 and (pool := load_outliers(data, s)):     # made now, once, if not current
+        mlflow.set_tag('outliers_version', pool['version'])
     if world > 1:                    # the workers train; rank 0 logs each epoch into this run
         plan = {'params': asdict(params), 'out': str(out), 'state': state, 'run_id': mlflow.active_run().info.run_id,
                 'tracking_uri': mlflow.get_tracking_uri(), 'trial': trial or {}, 'dataset_version': data.version}
@@ -745,14 +823,15 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings,
     fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
     mlflow.log_artifact(str(out/'curves.png'))
     mlflow.log_metrics({'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch']})
-    cal = calibrate_checkpoint(out/'best.pt', *data.val)
+    cal = finish_checkpoint(out, data, params, s)
     mlflow.log_metrics({'temperature': cal['temperature'], 'val_ece_uncalibrated': cal['ece_uncalibrated'],
-                        'val_ece': cal['ece']})
+                        'val_ece': cal['ece'], 'reject_threshold': cal['reject_threshold'],
+                        **{f"{k}_not_sure": v for k, v in cal['rejected'].items()}})
     print(f"calibrated on the validation split: temperature {cal['temperature']:.4f}, "
-          f"ECE {cal['ece_uncalibrated']:.4f} -> {cal['ece']:.4f}", flush=True)
-    onnx = export_onnx(probabilities_from_checkpoint(out/'best.pt'), out/'model.onnx')
-    log_model(out/'best.pt', data.val[0][:1], onnx)
-    return {**st, 'calibration': cal, 'onnx': onnx}
+          f"ECE {cal['ece_uncalibrated']:.4f} -> {cal['ece']:.4f}; not sure below {cal['reject_threshold']:.4f} ("
+          + ', '.join(f"{k} {v:.2%}" for k, v in cal['rejected'].items()) + ")", flush=True)
+    log_model(out/'best.pt', data.val[0][:1], out/'model.onnx')
+    return {**st, 'calibration': cal, 'onnx': out/'model.onnx'}
 
 def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_settings(**changes)`
           experiment:str='',            # MLflow experiment; empty for the one in settings.ini

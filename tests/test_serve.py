@@ -287,3 +287,44 @@ def test_drawing_pad_in_a_browser(page, digits, tmp_path):
     # not sure is shown as such
     draw(page, [[(0.1, 0.1), (0.12, 0.12)], [(0.85, 0.85), (0.9, 0.9)], [(0.1, 0.9), (0.15, 0.85)]])
     assert page.locator('#answer').text_content() == '?' and 'not sure' in page.locator('#reason').text_content()
+
+
+def test_the_pad_reads_drawings_and_refuses_non_digits(page):
+    "Drawn as people draw: a 4 and a 5 in two strokes and a 7 with a crossbar are read; an A, an X, a scribble are not."
+    import math
+    four = [[(0.36, 0.18), (0.3, 0.58), (0.72, 0.58)], [(0.6, 0.3), (0.6, 0.86)]]
+    five = [[(0.4, 0.22), (0.37, 0.48), (0.5, 0.44), (0.62, 0.5), (0.67, 0.63), (0.62, 0.77), (0.5, 0.83),
+             (0.36, 0.78)], [(0.45, 0.2), (0.7, 0.2)]]                       # the top bar apart from the rest
+    seven = [[(0.3, 0.2), (0.7, 0.2), (0.45, 0.85)], [(0.4, 0.52), (0.66, 0.52)]]
+    for strokes, want in ((four, '4'), (five, '5'), (seven, '7')):
+        answer, reason = draw(page, strokes)
+        assert (answer, reason.endswith('% sure')) == (want, True), (want, answer, reason)
+    a = [[(0.3, 0.82), (0.5, 0.18), (0.7, 0.82)], [(0.38, 0.58), (0.62, 0.58)]]
+    x = [[(0.28, 0.22), (0.72, 0.78)], [(0.72, 0.22), (0.28, 0.78)]]
+    scribble = [[(0.5 + 0.3*math.sin(3*t), 0.5 + 0.3*math.sin(4*t + 0.5)) for t in np.linspace(0, 2*math.pi, 60)]]
+    for name, strokes in (('A', a), ('X', x), ('scribble', scribble)):
+        answer, reason = draw(page, strokes)
+        assert answer == '?' and reason.startswith('not sure: low confidence'), (name, answer, reason)
+    out = ROOT/'test-reports'; out.mkdir(exist_ok=True)
+    page.screenshot(path=str(out/'serve-page-not-sure.png'), full_page=True)
+
+
+def test_the_servers_threshold_is_the_models(server, digits):
+    "The server answers 'not sure' exactly as the client does with the same model file: the threshold stored in it."
+    from digit_recognition.client import DigitPredictor
+    from digit_recognition.outliers import families, make_outlier
+    local = DigitPredictor.load(str(server.model_dir/'model.onnx'))
+    status, m = call(f"{server.url}/model")
+    assert (m['min_confidence'], m['threshold_from']) == (local.min_confidence, 'model'), m
+    fams, x = families('test'), np.load(server.model_dir/'images.npy')
+    images = [make_outlier(fams[i % len(fams)], (9, i), x) for i in range(20)] + [Image.fromarray(255 - a) for a in
+                                                                                  digits[0]]
+    files = []
+    for i, im in enumerate(images):
+        b = io.BytesIO(); im.save(b, 'JPEG' if im.format == 'JPEG' else 'PNG'); files.append(b.getvalue())
+    status, a = call(f"{server.url}/predict/batch", *form(*((f"{i}", f, 'image/png') for i, f in enumerate(files)),
+                                                         field='files'))
+    assert status == 200, a
+    want = local.predict(files)
+    assert [(e['digit'], e['reason']) for e in a['results']] == [(r.digit, r.reason) for r in want]
+    assert any(e['digit'] is None for e in a['results'][:20]) and all(e['digit'] is not None for e in a['results'][20:])
