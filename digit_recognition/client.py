@@ -221,7 +221,7 @@ class DigitPredictor:
         order = np.argsort(-p)[:max(1, top_k)]
         r.probability, r.top_k = float(p[order[0]]), [(int(d), float(p[d])) for d in order]
         if r.reason is None and r.probability < self.min_confidence:
-            r.reason = f"low confidence ({math.floor(100*r.probability)/100:.2f} < {self.min_confidence:g})"
+            r.reason = f"low confidence ({math.floor(100*r.probability)/100:.2f} < {self.min_confidence:.4g})"
         if r.reason is None: r.digit = int(order[0])
 
     def predict(self,

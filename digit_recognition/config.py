@@ -90,6 +90,8 @@ outlier_weight = 0.5
 # The "not sure" threshold stored with the model answers so for at most this share of validation digits (MNIST's,
 # photographed and drawn).
 reject_rate = 0.004
+# The model kept is the moving average of the weights with this decay (0 = the weights of the last step).
+ema = 0.999
 
 [distributed]
 # Data-parallel training (digit-train --nproc-per-node): training processes on this machine; 1 = one process, no

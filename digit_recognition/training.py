@@ -107,6 +107,7 @@ def train_epoch(model,                      # the classifier, on the device to t
                 outliers=None,              # uint8 non-digits, K x 1 x 28 x 28, for outlier exposure; None: none
                 outlier_share:float=0.0,    # non-digits shown per step, as a share of the step's digits
                 outlier_weight:float=0.5,   # the weight of their `uniform_loss` beside the digits' cross-entropy
+                ema=None,                   # an `AveragedModel` of `model`'s weights, updated after every step
                ) -> dict:                   # mean training `loss` and `accuracy` over the epoch (this process's images)
     "One pass over uint8 images `x` / labels `y`, stepping `opt` (and `sched`) per batch; returns loss and accuracy."
     device = next(model.parameters()).device
@@ -124,6 +125,7 @@ def train_epoch(model,                      # the classifier, on the device to t
         if k: loss = loss + outlier_weight*uniform_loss(out[len(idx):])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         if sched is not None: sched.step()
+        if ema is not None: ema.update_parameters(model)
         loss_sum += loss.item()*len(idx); correct += (out[:len(idx)].argmax(1) == yb).sum().item(); n += len(idx)
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
@@ -246,6 +248,7 @@ class TrainParams:
     outlier_share: float = _d['outlier_share']    # non-digits shown per step, as a share of the batch; 0: none
     outlier_weight: float = _d['outlier_weight']  # weight of the non-digits' loss (cross-entropy to uniform)
     reject_rate: float = _d['reject_rate']   # the "not sure" threshold answers so for at most this share of val digits
+    ema: float = _d['ema']                   # decay of the weights' moving average, kept as the model; 0: the weights
 
     def __post_init__(self):
         for f in fields(self):
@@ -260,7 +263,7 @@ class TrainParams:
     def check(self):
         "Raise a one-line `DigitError` for a value that cannot work."
         get_model(self.model); get_device(self.device)
-        for k in ('lr', 'weight_decay', 'label_smoothing', 'outlier_share', 'outlier_weight', 'reject_rate'):
+        for k in ('lr', 'weight_decay', 'label_smoothing', 'outlier_share', 'outlier_weight', 'reject_rate', 'ema'):
             v = getattr(self, k)
             if not math.isfinite(v): raise DigitError(f"{k}: {v} (expected a finite number)")
         for k in ('epochs', 'batch_size'):
@@ -271,6 +274,7 @@ class TrainParams:
         if not 0 <= self.outlier_share <= 4:
             raise DigitError(f"outlier_share: {self.outlier_share} (expected 0 to 4 non-digits per digit)")
         if not 0 <= self.reject_rate < 0.5: raise DigitError(f"reject_rate: {self.reject_rate} (expected 0 to 0.5)")
+        if not 0 <= self.ema < 1: raise DigitError(f"ema: {self.ema} (expected 0, or a decay below 1 such as 0.999)")
         if not 0 <= self.seed < 2**32: raise DigitError(f"seed: {self.seed} (expected 0 to {2**32 - 1})")
         if not 0 <= self.label_smoothing < 1:
             raise DigitError(f"label_smoothing: {self.label_smoothing} (expected 0 to 1)")
@@ -285,6 +289,15 @@ class TrainParams:
         return cls(**{k: s.get('train', k, given.get(k)) for k in names})
 
 TRAIN_PARAMS = tuple(f.name for f in fields(TrainParams))
+
+# %% ../nbs/05_training.ipynb #4abfbf6e
+def _averaged(net:nn.Module, decay:float, state:dict|None=None):
+    "An `AveragedModel` of `net` with `decay` (and the average in `last.pt` state `state`), or None when `decay` is 0."
+    if not decay: return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if state and 'ema' in state: avg.load_state_dict(state['ema'])
+    return avg
 
 # %% ../nbs/05_training.ipynb #93e73a1c
 def fit(model:nn.Module,            # the network to train (from `get_model`)
@@ -315,8 +328,10 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
     ox = torch.from_numpy(pool['images']).unsqueeze(1).to(dev) if pool else None
     model.to(dev)
     if any(isinstance(m, nn.Conv2d) for m in model.modules()): model.to(memory_format=torch.channels_last)
-    net = model                                                   # the network itself: evaluated and saved
+    net = model                                                   # the network itself
     if state: net.load_state_dict(state['model'])
+    avg = _averaged(net, p.ema, state)                            # its weights' moving average, or None
+    kept = avg.module if avg else net                             # what is evaluated and saved as the model
     if world > 1: model = _parallel(net, dev)
     steps = math.ceil(len(yt)/p.batch_size)                       # the same for any number of processes
     opt = make_optimizer(p.optimizer, model.parameters(), p.lr, p.weight_decay)
@@ -331,11 +346,11 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
         lr_now = opt.param_groups[0]['lr']; t0 = time.time()
         tr = train_epoch(model, xt, yt, opt, sched, p.batch_size, p.augment, g, p.label_smoothing,
                          desc=f"epoch {epoch}/{p.epochs}", rank_world=(rank, world), aug_generator=own,
-                         outliers=ox, outlier_share=p.outlier_share, outlier_weight=p.outlier_weight)
+                         outliers=ox, outlier_share=p.outlier_share, outlier_weight=p.outlier_weight, ema=avg)
         secs = time.time() - t0
         if world > 1:
-            for b in net.buffers(): torch.distributed.broadcast(b, 0)   # rank 0's batch-norm statistics, as saved
-        va = evaluate(net, xv, yv)
+            for b in kept.buffers(): torch.distributed.broadcast(b, 0)  # rank 0's batch-norm statistics, as saved
+        va = evaluate(kept, xv, yv)
         if world > 1: tr, va = _mean_over_ranks(tr, math.ceil(len(yt)/world), dev), _mean_over_ranks(va, len(yv), dev)
         metrics = {'train_loss': tr['loss'], 'train_accuracy': tr['accuracy'], 'val_loss': va['loss'],
                    'val_accuracy': va['accuracy'], 'lr': lr_now, 'epoch_seconds': secs,
@@ -344,12 +359,13 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
         if best: st.update(best_val_accuracy=va['accuracy'], best_epoch=epoch)
         st.update(epoch=epoch, history=st['history'] + [{'epoch': epoch, **metrics}])
         if rank == 0:                                       # one process writes and prints
-            sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+            sd = cpu(kept)
             if best: save_checkpoint(out_dir/'best.pt', model=sd, params=asdict(p), epoch=epoch,
                                      val_accuracy=va['accuracy'], dataset_version=data.version,
                                      **({'outliers_version': pool['version']} if pool else {}))
-            save_checkpoint(out_dir/'last.pt', model=sd, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            params=asdict(p), dataset_version=data.version,
+            save_checkpoint(out_dir/'last.pt', model=cpu(net), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                            params=asdict(p), dataset_version=data.version, **({'ema': cpu(avg)} if avg else {}),
                             **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
             print(f"epoch {epoch}: " + ' '.join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         stop = bool(on_epoch) and on_epoch(metrics, epoch) is True       # e.g. a pruned trial
