@@ -70,7 +70,7 @@ registered_model = digit-recognizer
 [train]
 # The full recipe, used by digit-train (the training notebook's own defaults are a quick demo).
 model = cnn
-epochs = 20
+epochs = 14
 batch_size = 128
 lr = 0.02
 optimizer = adamw

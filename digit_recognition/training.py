@@ -290,12 +290,19 @@ class TrainParams:
 
 TRAIN_PARAMS = tuple(f.name for f in fields(TrainParams))
 
-# %% ../nbs/05_training.ipynb #4abfbf6e
+# %% ../nbs/05_training.ipynb #9f45b0ce
+def _ema_update(decay:float):
+    "`AveragedModel`'s update: PyTorch's EMA step with decay `min(decay, (1 + n)/(10 + n))` at the n-th update."
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+    def update(averaged, current, n):
+        n = int(n); get_ema_multi_avg_fn(min(decay, (1 + n)/(10 + n)))(averaged, current, n)
+    return update
+
 def _averaged(net:nn.Module, decay:float, state:dict|None=None):
     "An `AveragedModel` of `net` with `decay` (and the average in `last.pt` state `state`), or None when `decay` is 0."
     if not decay: return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    avg = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    from torch.optim.swa_utils import AveragedModel
+    avg = AveragedModel(net, multi_avg_fn=_ema_update(decay), use_buffers=True)
     if state and 'ema' in state: avg.load_state_dict(state['ema'])
     return avg
 

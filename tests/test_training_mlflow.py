@@ -84,6 +84,19 @@ def test_logged_model_predicts(trained, client):
     sess = ort.InferenceSession(str(d/'artifacts'/'model.onnx'), providers=['CPUExecutionProvider'])
     o = sess.run(['probabilities'], {'images': x[:200, 0].numpy().astype(np.float32)/255})[0]
     assert (o.argmax(1) == p.argmax(1).numpy()).all() and np.abs(o - p.numpy()).max() <= 1e-4
+    # the "not sure" threshold travels with the model: best.pt, the MLflow model's metadata, the ONNX file's; and the
+    # answers are the same from the ONNX file (DigitPredictor) and from the pyfunc with its metadata's threshold
+    from digit_recognition.client import DigitPredictor
+    from digit_recognition.outliers import families, make_outlier
+    th = torch.load(ck, weights_only=True)['reject_threshold']
+    assert pf.metadata.metadata['reject_threshold'] == pytest.approx(th) == info.metadata['reject_threshold']
+    assert float(sess.get_modelmeta().custom_metadata_map['reject_threshold']) == th
+    fams = families('test')
+    images = list(x[:30, 0].numpy()) + [make_outlier(fams[i], i, x[:50, 0].numpy()) for i in range(0, len(fams), 3)]
+    a = DigitPredictor.load(str(d/'artifacts'/'model.onnx')).predict(images)
+    b = DigitPredictor(pf.predict, min_confidence=pf.metadata.metadata['reject_threshold']).predict(images)
+    assert [(r.digit, r.reason) for r in a] == [(r.digit, r.reason) for r in b]
+    assert any(r.unsure for r in a) and any(not r.unsure for r in a)
 
 
 @pytest.mark.slow
