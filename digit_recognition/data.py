@@ -246,12 +246,13 @@ def stratified_split(labels,               # one label per image
                      val_size:float,       # validation images: a count, or a fraction below 1
                      seed:int=42,          # the same seed gives the same split
                      min_per_class:int=0,  # with a fraction: at least this many of each class that can spare them
+                     name:str='val_size',  # the setting `val_size` comes from, for the message
                     ):
     "Indices `(train, val)`: `val_size` (a count, or a fraction below 1) drawn per class in proportion, seeded."
     labels = np.asarray(labels); n = len(labels)
     n_val = int(round(val_size*n)) if 0 < val_size < 1 else int(val_size)
     if not 0 < n_val < n:
-        raise DigitError(f"val_size: {val_size} leaves no training or no validation images (have {n})")
+        raise DigitError(f"{name}: {val_size} leaves no training or no validation images (have {n})")
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts*n_val/n; take = np.floor(quota).astype(int)
     take[np.argsort(-(quota - take), kind='stable')[:n_val - take.sum()]] += 1
@@ -385,10 +386,13 @@ def prepare_images(root,                   # `ROOT/<label>/*`, or `ROOT/{train,t
         pool_removed, f = ([{'file': f[i], 'reason': r} for i, r in pool_rm],
                            [o for i, o in enumerate(f) if i not in gone])
         if len(y) < 3: raise DigitError(f"image folder {root}: {len(y)} usable images; need at least 3 to split")
-        tr, te = stratified_split(y, test_size, seed)
+        tr, te = stratified_split(y, test_size, seed, name='test_size')
         tx, ty, tf, sx, sy, sf = x[tr], y[tr], [f[i] for i in tr], x[te], y[te], [f[i] for i in te]
     notes = (Counter({k: v for k, v in trep.items() if k != 'rejected_files'})
              + Counter({k: v for k, v in srep.items() if k != 'rejected_files'}))
+    if len(labels := sorted(set(np.asarray(ty).tolist()))) == 1:
+        print(f"warning: image folder {root}: only the digit {labels[0]}; a model trained on it answers "
+              f"{labels[0]} to every image", file=sys.stderr)
     names = {'train': tf, 'test': sf}
     m = build_dataset((tx, ty), (sx, sy), out_dir, val_size, seed, min_ink, source=str(root), inputs=inputs,
                       extra_report={'files': {'rejected': trep['rejected_files'] + srep['rejected_files'],

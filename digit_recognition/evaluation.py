@@ -86,7 +86,11 @@ def load_logged_model(uri:str) -> nn.Module:
     "The MLflow model at `uri` as weights only (a checkpoint, or an old pickled module of known layers); never pickle."
     import yaml
     d = Path(mlflow.artifacts.download_artifacts(uri))
-    flavors = yaml.safe_load((d/'MLmodel').read_text()).get('flavors', {})
+    try: spec = yaml.safe_load((d/'MLmodel').read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError): spec = None
+    if not isinstance(spec, dict) or not isinstance(spec.get('flavors', {}), dict):
+        raise DigitError(f"model: {uri}: its MLmodel is not an MLflow model description (expected YAML with flavors)")
+    flavors = spec.get('flavors', {})
     ck = flavors.get('python_function', {}).get('artifacts', {}).get('checkpoint', {}).get('path')
     f = d/ck if ck else d/flavors.get('pytorch', {}).get('model_data', 'data')/'model.pth'
     if not f.is_file(): raise DigitError(f"model: {uri} holds no weights file that loads without pickle; refusing it")

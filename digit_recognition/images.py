@@ -122,8 +122,9 @@ def _name(x) -> str:
 _GREY = ('L', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')      # modes that are grey already
 
 def _pil_to_gray(im:Image.Image, name:str, notes:list) -> np.ndarray:
-    if getattr(im, 'n_frames', 1) > 1:
-        raise BadImage(name, 'multi_frame', f"has {im.n_frames} frames (expected a single image)")
+    # `is_animated` looks for a second frame; a GIF's `n_frames` would read every one (200,000 took seconds)
+    if getattr(im, 'is_animated', getattr(im, 'n_frames', 1) > 1):
+        raise BadImage(name, 'multi_frame', "has several frames (expected a single image)")
     if im.width*im.height > MAX_PIXELS:
         raise BadImage(name, 'too_large', f"{im.width}x{im.height} pixels is over the limit of {MAX_PIXELS:,}")
     if im.getexif().get(0x0112, 1) != 1: im = ImageOps.exif_transpose(im)      # the orientation a camera recorded
@@ -145,7 +146,9 @@ def _to_gray(x, name:str, notes:list) -> np.ndarray:
     "`to_gray`, appending to `notes` what was done ('converted_to_grayscale')."
     if isinstance(x, (bytes, bytearray, memoryview)): x = io.BytesIO(x)        # a file's content (an upload)
     if isinstance(x, (str, Path, io.IOBase)):
-        if isinstance(x, (str, Path)) and not Path(x).is_file(): raise BadImage(name, 'missing', "no such file")
+        if isinstance(x, (str, Path)) and not Path(x).is_file():             # a FIFO, a device: never opened
+            if Path(x).exists(): raise BadImage(name, 'unreadable', "not a regular file")
+            raise BadImage(name, 'missing', "no such file")
         if isinstance(x, io.BytesIO) and not x.getbuffer().nbytes: raise BadImage(name, 'unreadable', "empty file")
         try:
             with warnings.catch_warnings():

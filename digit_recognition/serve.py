@@ -12,6 +12,7 @@ __all__ = ['log', 'FORMATS', 'ERRORS', 'PAGE', 'model_card', 'Loaded', 'ModelSlo
 
 # %% ../nbs/08_serve.ipynb #b9dfab44
 import argparse, base64, binascii, io, logging, os, threading, time, warnings
+import anyio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from . import __version__
-from .config import Settings, DigitError, command
+from .config import Settings, DigitError, command, first_line
 from .images import MAX_PIXELS
 from .client import DigitPredictor
 from .tracking import RUN_ID, parse_model_uri
@@ -86,7 +87,8 @@ class ModelSlot:
         return Loaded(p, model_card(self.source, p, version, run_id))
 
     def refresh(self, raise_errors:bool=False) -> bool:
-        "Load the model, or the alias's new version if it moved; True when the model changed."
+        "Load the model, or the alias's new version if it moved; True when the model changed. Any failure keeps it."
+        target = self.source
         try:
             if not self.alias:
                 if self.current: return False
@@ -96,15 +98,17 @@ class ModelSlot:
                 from digit_recognition.tracking import connect_tracking
                 connect_tracking(self.settings)
                 try: mv = mlflow.MlflowClient().get_model_version_by_alias(*self.alias)
-                except Exception as e:
-                    raise DigitError(f"model: cannot find {self.source} ({str(e).strip().splitlines()[0][:160]})") \
-                        from None
+                except Exception as e: raise DigitError(f"model: cannot find {self.source} ({first_line(e)})") from None
                 if self.current and self.current.card['version'] == str(mv.version): return False
-                new = self._load(f"models:/{self.alias[0]}/{mv.version}", mv.version, mv.run_id)
-        except DigitError as e:
-            self.error = str(e)
-            if raise_errors: raise
-            log.error("model: %s", e); return False
+                target = f"models:/{self.alias[0]}/{mv.version}"
+                new = self._load(target, mv.version, mv.run_id)
+        except Exception as e:               # whatever a broken version raises: one line, the current model kept
+            msg = str(e) if isinstance(e, DigitError) else f"model: cannot load {target} ({first_line(e)})"
+            if raise_errors: self.error = msg; raise DigitError(msg) from None
+            if msg != self.error:                                       # once, not at every look at the registry
+                log.error("%s%s", msg, f"; still answering with version {self.current.card['version']}"
+                          if self.current else '')
+            self.error = msg; return False
         old, self.current, self.error = self.current, new, None
         if old: log.warning("model: %s now answers with version %s (was %s)", self.source, new.card['version'],
                             old.card['version'])
@@ -129,10 +133,11 @@ class Limits:
     max_bytes:int = 5_000_000        # bytes in one image file
     max_pixels:int = MAX_PIXELS      # pixels in one image, read from its header before decoding
     max_batch:int = 32               # images in one /predict/batch request
+    max_request_pixels:int = 2*MAX_PIXELS   # pixels of all the images of one request together
     @classmethod
     def from_settings(cls, s:Settings):
-        "The limits of `[serve]` in settings `s`."
-        return cls(*(int(s.get('serve', k)) for k in ('max_bytes', 'max_pixels', 'max_batch')))
+        "The limits of `[serve]` in settings `s`, each a whole number of at least 1."
+        return cls(*(s.number('serve', k, 1) for k in ('max_bytes', 'max_pixels', 'max_batch', 'max_request_pixels')))
     def request_bytes(self, batch:bool) -> int:
         "The most bytes a request body may have: its images base64-encoded (4/3), plus room for the form or JSON."
         return (self.max_batch if batch else 1)*(self.max_bytes*4//3 + 4096) + 65536
@@ -219,10 +224,13 @@ def decode_json_image(item:ImageIn, name:str, limits:Limits):
     "The bytes or the array of a JSON image, within the limits (base64's length checked before decoding)."
     import numpy as np
     if item.pixels is not None:
-        a = np.asarray(item.pixels, np.float32)
+        a = np.asarray(item.pixels, np.float64)
         if a.size > limits.max_pixels:
             raise problem(413, f"{name}: {a.shape[1]}x{a.shape[0]} pixels is over the limit of {limits.max_pixels:,}")
-        return a
+        if np.isfinite(a).all() and np.abs(a).max() > 65535:           # (a float32 would make them infinite)
+            raise problem(400, f"{name}: pixels: values out of range, up to {np.abs(a).max():g} (expected grey levels "
+                               "0..255, or 0..1)")
+        return a.astype(np.float32)
     text = item.image.strip()
     if text.startswith('data:'): text = text.partition(',')[2]
     if len(text)*3//4 > limits.max_bytes:
@@ -264,7 +272,8 @@ async def read_images(request:Request, limits:Limits, batch:bool=False) -> list:
     most = limits.max_batch if batch else 1
     if ctype == 'multipart/form-data':
         try: form = await request.form(max_files=most + 1, max_fields=most + 8)
-        except HTTPException as e: raise problem(400, f"form: {e.detail}") from None
+        except HTTPException as e:                          # the body's own limit (`BodyLimit`) stays a 413
+            raise (e if e.status_code == 413 else problem(400, f"form: {e.detail}")) from None
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         raw = [((f.filename or f"file[{i}]")[:200], await f.read()) for i, f in enumerate(files)]
         items = [(n, _checked(check_image, d, n, limits)) for n, d in raw]
@@ -280,7 +289,17 @@ async def read_images(request:Request, limits:Limits, batch:bool=False) -> list:
     if len(items) > most:
         raise problem(413, f"{len(items)} images (at most {most} per request" +
                       (")" if batch else "; send several to /predict/batch)"))
+    if (total := sum(_pixels(x) for _, x in items)) > limits.max_request_pixels:
+        raise problem(413, f"{total:,} pixels in all (at most {limits.max_request_pixels:,} per request: send "
+                      "smaller images, or fewer at a time)")
     return items
+
+def _pixels(x) -> int:
+    "The pixels of an accepted image (bytes: from its header; an array: its size); 0 for a refused one."
+    if isinstance(x, HTTPException): return 0
+    if isinstance(x, bytes):
+        with Image.open(io.BytesIO(x)) as im: return im.width*im.height
+    return int(x.size)
 
 def _one_line(e) -> str:
     "The first of pydantic's errors, as `field: message`."
@@ -331,7 +350,7 @@ def create_app(slot:ModelSlot|None=None,          # the model; None: `[serve] mo
     "The digit-serve application: the API, the page, and the model's hot reload."
     s = settings or (slot.settings if slot else Settings())
     slot = slot or ModelSlot(s.get('serve', 'model') or None, s, load=False)
-    limits, reload = Limits.from_settings(s), float(s.get('serve', 'reload_seconds'))
+    limits, reload = Limits.from_settings(s), s.number('serve', 'reload_seconds', 0, kind=float)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -373,11 +392,17 @@ def create_app(slot:ModelSlot|None=None,          # the model; None: `[serve] mo
              responses={503: {'model': ErrorBody}})
     def model(): return current().card
 
+    # decoding and the model run in worker threads, as many at a time as there are cores: the event loop is free to
+    # answer /health and the others while a heavy request works
+    workers = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    async def work(cur, items, k):
+        return await anyio.to_thread.run_sync(predict_items, cur, items, k, limiter=workers)
+
     @app.post('/predict', summary="Read the digit in one image", response_model=Answer, responses=ERRORS,
               openapi_extra=_image_body(False))
     async def predict(request:Request, top_k:int=Query(3, ge=1, le=10, description="candidates to list")):
         cur, items = current(), await read_images(request, limits)
-        out = predict_items(cur, items, top_k)[0]
+        out = (await work(cur, items, top_k))[0]
         if 'error' in out: raise problem(out['status'], out['error'])
         return JSONResponse(out)
 
@@ -385,7 +410,7 @@ def create_app(slot:ModelSlot|None=None,          # the model; None: `[serve] mo
               response_model=BatchAnswer, responses=ERRORS, openapi_extra=_image_body(True))
     async def predict_batch(request:Request, top_k:int=Query(3, ge=1, le=10, description="candidates to list")):
         cur, items = current(), await read_images(request, limits, batch=True)
-        out = [{k: v for k, v in o.items() if k != 'status'} for o in predict_items(cur, items, top_k)]
+        out = [{k: v for k, v in o.items() if k != 'status'} for o in await work(cur, items, top_k)]
         return JSONResponse({'results': out, 'model': _ref(cur.card)})
     return app
 
@@ -512,9 +537,11 @@ def digit_serve(argv=None):
                  ('reload_seconds', a.reload_seconds), ('access_log', a.access_log)):
         if v is not None: os.environ[f"DIGIT_SERVE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
     s = Settings()
+    port, workers = s.number('serve', 'port', 1, 65535), s.number('serve', 'workers', 1)   # flags or settings: checked
+    s.number('serve', 'reload_seconds', 0, kind=float); Limits.from_settings(s)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s:     %(message)s')
     import uvicorn
-    host, port, workers = s.get('serve', 'host'), int(s.get('serve', 'port')), int(s.get('serve', 'workers'))
+    host = s.get('serve', 'host')
     slot = ModelSlot(s.get('serve', 'model') or None, s)                     # a clear error now, not in a worker
     c = slot.current.card
     print(f"serving {slot.source}" + (f" (version {c['version']})" if c['version'] else '') +

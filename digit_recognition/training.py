@@ -667,6 +667,15 @@ DIST_OPTIONS = {
     'node_rank': "this machine's number, 0 to nnodes-1; node 0 keeps the run (MLflow, checkpoints, notebook)",
     'rdzv_endpoint': "HOST:PORT of node 0, where the processes of several machines meet; empty: this machine"}
 
+def _port_free(host:str, port:int) -> bool:
+    "False when `port` of `host`, an address of this machine, is taken; True when it is free or `host` is not here."
+    import errno
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as torch's store: a closing port is free
+        try: sock.bind((host, port))
+        except OSError as e: return e.errno != errno.EADDRINUSE       # another machine's address: node 0 checks it
+    return True
+
 def distributed_options(settings:Settings|None=None,  # the project's settings; None: `Settings()`
                         batch_size:int|None=None,     # the run's global batch: it must split evenly between processes
                         **given,                      # `DIST_OPTIONS` to set (those not None), e.g. `nproc_per_node=2`
@@ -688,6 +697,9 @@ def distributed_options(settings:Settings|None=None,  # the project's settings; 
     if d['nnodes'] > 1 and not ep:
         raise DigitError(f"rdzv_endpoint: not set with nnodes {d['nnodes']} (expected HOST:PORT of node 0, "
                          "which every node reaches)")
+    if ep and d['node_rank'] == 0 and not _port_free(host, int(port)):    # torchrun would wait on it for ever
+        raise DigitError(f"rdzv_endpoint: {ep} is in use by another program (choose a free port, or leave "
+                         "rdzv_endpoint empty on one machine)")
     world = d['nproc_per_node']*d['nnodes']
     if batch_size is not None and batch_size % world:
         raise DigitError(f"batch_size: {batch_size} is not a multiple of the {world} training processes "
@@ -890,9 +902,9 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     try:
         with run:
             try: st = _record_training(net, data, out, p, state, dev, s, trial, dist)
-            except KeyboardInterrupt:
-                print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with resume='{rid}'",
-                      flush=True)
+            except KeyboardInterrupt:                   # (under digit-train, which made the run, it says so)
+                if not run_id: print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with "
+                                     f"resume='{rid}'", flush=True)
                 mlflow.end_run('KILLED'); raise
     except MlflowException as e:
         raise DigitError(f"{_tracking_error(uri, e)}; the checkpoint so far is kept in {out}") from None

@@ -21,7 +21,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from .config import Settings, DigitError, command
 from .tracking import connect_tracking, _tracking_error, redact, use_experiment
-from .training import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
+from .training import (RUN_OPTIONS, TrainParams, param_specs, add_parameter_flags, run_training,
+                                        make_pruner)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -43,11 +44,16 @@ def parse_space(text:str,          # the declaration: `lr = float 0.001 0.05 log
                 conv = (lambda v: v.lower() in ('1', 'true', 'yes')) if t is bool else t
                 space[name] = CategoricalDistribution([conv(v.strip()) for v in ''.join(words[1:]).split(',')])
             elif kind in ('float', 'int') and len(words) in (3, 4) and words[3:] in ([], ['log']):
+                if t.__name__ != kind: raise bad(f"{name} is a parameter of type {t.__name__}, not {kind}")
                 lo, hi = (float(w) if kind == 'float' else int(w) for w in words[1:3])
                 make = FloatDistribution if kind == 'float' else IntDistribution
                 space[name] = make(lo, hi, log=words[3:] == ['log'])
             else: raise bad("expected NAME = float LOW HIGH [log] | int LOW HIGH [log] | choice A,B")
         except ValueError as e: raise bad(str(e).splitlines()[0]) from None
+        d = space[name]                                   # every value it can take is one a run accepts
+        for v in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high)):
+            try: TrainParams(**{name: v})
+            except DigitError as e: raise bad(f"{e} (checked before any trial)") from None
     if not space: raise DigitError("space: empty (declare [tune] space in settings.ini, or give --space)")
     return space
 
@@ -433,7 +439,9 @@ def parse_tries(items:list, params:dict) -> list:
         d = {}
         for kv in filter(None, it.split(',')):
             k, _, v = kv.partition('=')
-            d.update(parse_grid([f"{k.strip()}={v.strip()}"], params))
+            try: d.update(parse_grid([f"{k.strip()}={v.strip()}"], params))
+            except DigitError as e:
+                raise DigitError(f"--try {it}: " + str(e).split(': ', 1)[-1]) from None
         out.append({k: v[0] for k, v in d.items()})
     return out
 
@@ -467,6 +475,9 @@ def digit_tune(argv=None):
     o = {k: a.pop(k) for k in ('study', 'storage', 'space', 'trials', 'timeout', 'sampler', 'pruner', 'metric',
                                'jobs', 'tries', 'sampler_seed', 'best', 'quiet')}
     if o['trials'] < 1: raise DigitError(f"--trials: expected at least 1, got {o['trials']}")
+    if o['jobs'] < 1: raise DigitError(f"--jobs: expected at least 1, got {o['jobs']}")
+    if not o['timeout'] >= 0:
+        raise DigitError(f"--timeout: expected 0 (no limit) or more seconds, got {o['timeout']:g}")
     space = parse_space(o['space'] or s.get('tune', 'space') or '')
     fixed = {k: v for k, v in a.items() if k not in space}
     try:
@@ -500,6 +511,7 @@ def digit_sweep(argv=None):
     p = sweep_parser(); args = vars(p.parse_args(argv))
     items, jobs = args.pop('grid'), args.pop('jobs')
     if not items: p.error("give at least one --grid NAME=V1,V2")
+    if jobs < 1: raise DigitError(f"--jobs: expected at least 1, got {jobs}")
     grid = parse_grid(items, param_specs())
     try: res = run_sweep(grid, {k: v for k, v in args.items() if k not in grid}, jobs)
     except KeyboardInterrupt: raise KeyboardInterrupt("interrupted; finished runs are kept in MLflow") from None

@@ -103,7 +103,7 @@ def _same_steps_worker(rank, d, q):
 
 
 SAME = dict(epochs=2, max_train_samples=1000, batch_size=100, augment=False, label_smoothing=0.0, lr=0.01, device='cpu',
-            patience=0)
+            patience=0, outlier_share=0)                      # (each process draws non-digits of its own)
 
 
 @pytest.mark.slow

@@ -57,17 +57,18 @@ def interrupted(tmp_path_factory, data_ready):
     time.sleep(1)
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=120)
-    return p.returncode, err, d
+    return p.returncode, err, d, out
 
 
 @pytest.mark.slow
 def test_ctrl_c_is_one_line(interrupted):
-    "Ctrl-C during training: one line, exit 130, the run KILLED."
-    returncode, err, d = interrupted
+    "Ctrl-C during training: one line (not a second one from the kernel), exit 130, the run KILLED."
+    returncode, err, d, out = interrupted
     assert returncode == 130, err[-3000:]
     assert 'Traceback' not in err and 'ZMQError' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
     rid = next((d/'results').glob('*/last.pt')).parent.name
     assert err.strip().splitlines()[-1].startswith('interrupted;') and f'digit-train --resume {rid}' in err
+    assert 'interrupted' not in out and err.count('interrupted') == 1, (out[-2000:], err[-2000:])
     (run,) = runs_in(d)
     assert run.info.run_id == rid and run.info.status == 'KILLED'
 
@@ -89,7 +90,7 @@ def test_damaged_dataset_and_bad_values_fail_before_a_run(tmp_path, run_cli, dat
 @pytest.mark.slow
 def test_resume_says_what_it_took_the_argument_for(tmp_path, run_cli, interrupted):
     "A file that is no checkpoint, a run the tracking server does not have, flags that contradict the run's plan."
-    *_, d = interrupted
+    _, _, d, _ = interrupted
     env = local_env(d)
     rid = next((d/'results').glob('*/last.pt')).parent.name           # the interrupted run: 4 epochs, lr 0.02
     notes = tmp_path/'notes.pt'; notes.write_text('not a checkpoint')

@@ -65,6 +65,19 @@ def call(url, data=None, ctype=None, method=None, headers=None) -> tuple:
     except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
 
 
+def call_big(url, data, ctype) -> tuple:
+    """`(status, JSON answer)` of a POST whose body the server refuses before reading it all: it answers and closes,
+    so the rest of the body may not be sent (a broken pipe on a loaded machine), and the answer is read anyway."""
+    import http.client
+    c = http.client.HTTPConnection(*url.removeprefix('http://').split('/')[0].split(':'), timeout=30)
+    c.putrequest('POST', '/' + url.removeprefix('http://').split('/', 1)[1])
+    c.putheader('Content-Type', ctype); c.putheader('Content-Length', str(len(data))); c.endheaders()
+    try: c.send(data)
+    except OSError: pass
+    r = c.getresponse()
+    return r.status, json.loads(r.read())
+
+
 def form(*files, field='file') -> tuple:
     "A multipart body with `files` ((name, bytes, content type)), and its content type."
     b = uuid.uuid4().hex
@@ -160,7 +173,7 @@ def test_limits_and_bad_input(server, digits):
         'bad JSON': (422, call(u, b'{"image": ', 'application/json')),
         'bad base64': (400, call(u, b'{"image": "@@@"}', 'application/json')),
         'top_k': (422, call(f"{u}?top_k=0", *form(('a.png', png, 'image/png')))),
-        'body too large': (413, call(u, b'x'*2_000_000, 'application/json')),
+        'body too large': (413, call_big(u, b'x'*2_000_000, 'application/json')),
         'GET': (405, call(u)),
     }
     for what, (expected, (status, a)) in cases.items():
@@ -328,3 +341,80 @@ def test_the_servers_threshold_is_the_models(server, digits):
     want = local.predict(files)
     assert [(e['digit'], e['reason']) for e in a['results']] == [(r.digit, r.reason) for r in want]
     assert any(e['digit'] is None for e in a['results'][:20]) and all(e['digit'] is not None for e in a['results'][20:])
+
+
+def register_broken(uri:str) -> str:
+    "A registry version whose MLmodel is not a model description (a file that says `hi`), made the champion."
+    import tempfile
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = c.create_run(c.get_experiment_by_name('serve').experiment_id)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d)/'MLmodel').write_text('hi\n'); c.log_artifact(run.info.run_id, f"{d}/MLmodel", 'model')
+    c.set_terminated(run.info.run_id)
+    mv = c.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    c.set_registered_model_alias(NAME, 'champion', mv.version)
+    return str(mv.version)
+
+
+def test_a_broken_version_does_not_stop_hot_reload(server, digits, run_cli):
+    "The champion moves to a broken version: one line in the log, the old model answers; moved on, the server follows."
+    before = call(f"{server.url}/model")[1]['version']
+    bad = register_broken(server.uri)
+    deadline = time.time() + 30
+    while time.time() < deadline and f"models:/{NAME}/{bad}" not in server.log.read_text(): time.sleep(0.3)
+    log = server.log.read_text()
+    lines = [l for l in log.splitlines() if f"models:/{NAME}/{bad}" in l]
+    assert len(lines) == 1 and f"still answering with version {before}" in lines[0], log[-3000:]
+    assert 'Traceback' not in log
+    x, y = digits
+    status, a = call(f"{server.url}/predict", json.dumps({'pixels': x[0].tolist()}).encode(), 'application/json')
+    assert (status, a['model']['version'], a['digit']) == (200, before, y[0])
+    r = run_cli('digit-predict', server.model_dir/'digit.png', '--model', f"models:/{NAME}/{bad}",
+                env={'MLFLOW_TRACKING_URI': server.uri})
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: model: ") and f"models:/{NAME}/{bad}" in r.stderr, r.stderr
+    good, rid = register(server.uri, server.model_dir/'model.onnx', 0.98)       # and on to a good one
+    deadline = time.time() + 30
+    while time.time() < deadline and call(f"{server.url}/model")[1]['version'] != good: time.sleep(0.3)
+    assert call(f"{server.url}/model")[1]['version'] == good
+
+
+def test_a_heavy_request_does_not_hold_the_others(server):
+    "Two 5000x5000 pictures being read: /health still answers in a fraction of a second; more pixels: 413 at once."
+    big = io.BytesIO(); Image.new('L', (5000, 5000), 255).save(big, 'PNG'); big = big.getvalue()
+    body, ctype = form(*((f"{i}.png", big, 'image/png') for i in range(2)), field='files')
+    done, waits = [], []
+    def heavy(): done.append(call(f"{server.url}/predict/batch", body, ctype))
+    t = threading.Thread(target=heavy); t.start()
+    t0 = time.time()
+    while t.is_alive() and time.time() - t0 < 120:
+        s = time.time(); assert call(f"{server.url}/health")[0] == 200; waits.append(time.time() - s)
+        time.sleep(0.02)
+    t.join(); took = time.time() - t0
+    assert done[0][0] == 200 and [r['reason'] for r in done[0][1]['results']] == ['no ink']*2, done
+    # on the event loop, one /health would have waited for the whole batch: here each waited a small part of it
+    assert len(waits) >= 3 and max(waits) < max(0.1, took/4), (took, waits)
+    body, ctype = form(*((f"{i}.png", big, 'image/png') for i in range(3)), field='files')
+    status, a = call(f"{server.url}/predict/batch", body, ctype)
+    assert status == 413 and 'pixels in all' in a['error'], a
+
+
+def test_more_body_limits(server):
+    "A chunked body over the limit is a 413 too; grey levels that overflow are out of range, not NaN."
+    import http.client
+    host, port = server.url.removeprefix('http://').split(':')
+    b = uuid.uuid4().hex
+    head = (f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            'Content-Type: image/png\r\n\r\n').encode()
+    def chunks():
+        yield head
+        for _ in range(40): yield b'\0'*50_000                                  # 2 MB, with no Content-Length
+        yield f'\r\n--{b}--\r\n'.encode()
+    c = http.client.HTTPConnection(host, int(port), timeout=30)
+    c.request('POST', '/predict', body=chunks(), headers={'Content-Type': f'multipart/form-data; boundary={b}'},
+              encode_chunked=True)
+    r = c.getresponse()
+    assert r.status == 413 and 'request body' in json.loads(r.read())['error']
+    status, a = call(f"{server.url}/predict", json.dumps({'pixels': [[1e308]*28]*28}).encode(), 'application/json')
+    assert status == 400 and 'out of range' in a['error'], a
