@@ -762,14 +762,14 @@ def worker_failure(e) -> str:
 
 @contextlib.contextmanager
 def _engine_quiet(quiet:bool=True):
-    "While torchrun's engine runs: its notices only when they are errors (`quiet`); then our signal handlers back."
+    "While torchrun's engine runs: its notices silenced (`quiet`: a failure is our one line); then our handlers back."
     import logging, signal, threading
     sigs = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]   # the engine's own handlers replace them
     handlers = {s: signal.getsignal(s) for s in sigs} if threading.current_thread() is threading.main_thread() else {}
     loggers = [l for n, l in logging.root.manager.loggerDict.items() if quiet and isinstance(l, logging.Logger)
                and n.startswith('torch.distributed.elastic')]
     levels = {l: l.level for l in loggers}
-    for l in loggers: l.setLevel(logging.ERROR)
+    for l in loggers: l.setLevel(logging.CRITICAL)
     try: yield
     finally:
         for l, v in levels.items(): l.setLevel(v)

@@ -58,6 +58,7 @@ def test_killed_worker_ends_the_run_and_resume_finishes_it(tmp_path, run_cli, da
     os.kill(workers[-1], signal.SIGKILL)
     out, err = p.communicate(timeout=120)
     last = err.strip().splitlines()[-1]
+    assert not re.search(r'^[EW]\d{4} ', err, re.M) and 'Traceback' not in err, err[-3000:]   # no engine notices
     rid = next((tmp_path/'results').glob('*/last.pt')).parent.name
     assert p.returncode == 1, err[-3000:]
     assert re.match(rf"error: training process [01] \(pid {workers[-1]}\) was killed by SIGKILL; the last completed "

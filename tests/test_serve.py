@@ -14,8 +14,8 @@ NAME = 'digit-recognizer'
 CHROMIUM = '/usr/bin/chromium'
 
 
-def register(uri:str, onnx:Path, accuracy:float) -> tuple:
-    "A run holding `onnx` as its model's ONNX file, registered as a new version with alias champion: (version, run id)."
+def register(uri:str, onnx:Path, accuracy:float, alias:str|None='champion') -> tuple:
+    "A run holding `onnx` as its model's ONNX file, registered as a new version with `alias`: (version, run id)."
     from mlflow import MlflowClient
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = c.get_experiment_by_name('serve') or c.get_experiment(c.create_experiment('serve'))
@@ -27,7 +27,7 @@ def register(uri:str, onnx:Path, accuracy:float) -> tuple:
     try: c.create_registered_model(NAME)
     except Exception: pass                                          # already there
     mv = c.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=rid)
-    c.set_registered_model_alias(NAME, 'champion', mv.version)
+    if alias: c.set_registered_model_alias(NAME, alias, mv.version)
     return str(mv.version), rid
 
 
@@ -418,3 +418,14 @@ def test_more_body_limits(server):
     assert r.status == 413 and 'request body' in json.loads(r.read())['error']
     status, a = call(f"{server.url}/predict", json.dumps({'pixels': [[1e308]*28]*28}).encode(), 'application/json')
     assert status == 400 and 'out of range' in a['error'], a
+
+
+def test_a_registry_version_is_the_registrys_file(server, tmp_path, run_cli):
+    "`models:/NAME/N` reads the registry's ONNX file, not a file of the same run left on this machine."
+    version, rid = register(server.uri, server.model_dir/'model.onnx', 0.97, alias=None)
+    (tmp_path/rid).mkdir(); (tmp_path/rid/'model.onnx').write_bytes(b'not the registered model')
+    env = {'MLFLOW_TRACKING_URI': server.uri, 'DIGIT_PATHS_RESULTS_DIR': str(tmp_path)}
+    r = run_cli('digit-predict', server.model_dir/'digit.png', '--model', f"models:/{NAME}/{version}", env=env)
+    assert r.returncode == 0 and 'digit.png' in r.stdout, r.stderr[-2000:]
+    r = run_cli('digit-predict', server.model_dir/'digit.png', '--model', f"runs:/{rid}/model", env=env)
+    assert r.returncode == 1 and str(tmp_path/rid/'model.onnx') in r.stderr, r.stderr    # a run's own file: its own
