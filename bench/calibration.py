@@ -17,8 +17,8 @@ import torch
 from digit_recognition.config import Settings
 from digit_recognition.data import load_cleaned
 from digit_recognition.model import export_onnx
-from digit_recognition.training import (TrainParams, load_checkpoint, model_from_checkpoint, calibrate,
-                                        predict_logits, calibration, Probabilities)
+from digit_recognition.training import TrainParams, load_checkpoint, model_from_checkpoint
+from digit_recognition.calibration import calibrate, predict_logits, calibration, Probabilities
 from digit_recognition.evaluation import onnx_agreement, predict_proba
 from results import save, table
 

@@ -20,7 +20,8 @@ import torch
 from digit_recognition.config import seed_everything
 from digit_recognition.data import load_cleaned, prepare_data
 from digit_recognition.model import get_model
-from digit_recognition.training import TrainParams, fit, launch_fit, evaluate, model_from_checkpoint
+from digit_recognition.training import TrainParams, fit, evaluate, model_from_checkpoint
+from digit_recognition.launch import launch_fit
 from results import save, table
 
 

@@ -16,7 +16,8 @@ import torch
 from digit_recognition.config import get_device, seed_everything
 from digit_recognition.data import load_cleaned
 from digit_recognition.model import get_model, count_parameters
-from digit_recognition.training import TrainParams, fit, evaluate, Probabilities    # imports without MLflow
+from digit_recognition.training import TrainParams, fit, evaluate    # imports without MLflow
+from digit_recognition.calibration import Probabilities
 from results import save, table
 
 

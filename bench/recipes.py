@@ -26,8 +26,8 @@ from digit_recognition.config import seed_everything
 from digit_recognition.data import load_cleaned
 from digit_recognition.model import get_model
 from digit_recognition.outliers import build_outliers, load_views
-from digit_recognition.training import (TrainParams, fit, calibrate_checkpoint, probabilities_from_checkpoint,
-                                        top_probability, evaluate, model_from_checkpoint)
+from digit_recognition.training import TrainParams, fit, evaluate, model_from_checkpoint
+from digit_recognition.calibration import calibrate_checkpoint, probabilities_from_checkpoint, top_probability
 from results import save, table
 
 RECIPES = {   # name: TrainParams changes from the package's defaults ([train])

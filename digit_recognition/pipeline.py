@@ -16,10 +16,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, command
 from .data import prepare_data
-from .evaluation import (ModelRef, evaluation_dir, run_evaluation, check_gate, register_if_better,
-                                          add_gate_flags)
+from .evaluation import ModelRef, evaluation_dir, run_evaluation
+from .registry import check_gate, register_if_better, add_gate_flags
 from .tracking import connect_tracking, redact
-from .training import TrainParams, RUN_OPTIONS, add_parameter_flags, run_training, explicit_args
+from .training import TrainParams
+from .launch import RUN_OPTIONS, add_parameter_flags, run_training, explicit_args
 
 # %% ../nbs/10_pipeline.ipynb #7eac164e
 NAME_PARAMS = (*RUN_OPTIONS, 'run_id')

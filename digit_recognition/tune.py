@@ -20,9 +20,9 @@ from mlflow.exceptions import MlflowException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from .config import Settings, DigitError, command
-from .tracking import connect_tracking, _tracking_error, redact, use_experiment
-from .training import (RUN_OPTIONS, TrainParams, param_specs, add_parameter_flags, run_training,
-                                        make_pruner)
+from .tracking import connect_tracking, tracking_error, redact, use_experiment
+from .launch import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
+from .training import TrainParams
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -160,7 +160,7 @@ def study_parent(study:optuna.Study, uri:str, experiment:str, tags:dict) -> str:
         exp = use_experiment(experiment, uri)
         mine = c.create_run(exp.experiment_id, run_name=study.study_name, tags={'optuna.study': study.study_name,
                                                                                 **tags}).info.run_id
-    except MlflowException as e: raise _tracking_error(uri, e) from None
+    except MlflowException as e: raise tracking_error(uri, e) from None
     if not study.user_attrs.get('mlflow_parent_run_id') or study.user_attrs['mlflow_parent_run_id'] == pid:
         study.set_user_attr('mlflow_parent_run_id', mine)
     time.sleep(1)                                    # longer than a busy server takes to create a run and say so

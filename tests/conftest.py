@@ -337,7 +337,8 @@ def _train_checkpoint(d):
     from PIL import Image
     from digit_recognition.data import load_cleaned
     from digit_recognition.model import get_model
-    from digit_recognition.training import fit, TrainParams, finish_checkpoint
+    from digit_recognition.training import fit, TrainParams
+    from digit_recognition.calibration import finish_checkpoint
     p = TrainParams(epochs=3, seed=42, device='cpu', max_train_samples=30000, patience=0)    # the recipe, shorter
     torch.manual_seed(42)
     data = load_cleaned(splits=('train', 'val'))

@@ -409,7 +409,7 @@ def served(model_dir, tmp_path_factory):
     uri = f"sqlite:///{d/'mlflow.db'}"
     code = f"""
 import mlflow, torch
-from digit_recognition.training import log_model
+from digit_recognition.mlmodel import log_model
 from digit_recognition.data import load_cleaned
 mlflow.set_tracking_uri({uri!r})
 mlflow.create_experiment('serve', artifact_location={(d/'artifacts').as_uri()!r})   # not the project's mlruns/

@@ -28,7 +28,7 @@ def local(tmp_path_factory, data_ready):
     this process: real MLflow runs and checkpoints, without three kernels (`digit-train`'s papermill route has its own
     tests)."""
     from fastcore.xtras import modified_env
-    from digit_recognition.training import train
+    from digit_recognition.launch import train
     d = tmp_path_factory.mktemp('local')
     env = {'MLFLOW_TRACKING_URI': f"sqlite:///{d/'mlflow.db'}", 'DIGIT_PATHS_RESULTS_DIR': str(d/'results')}
     with modified_env('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD', 'MLFLOW_REGISTRY_URI', **env):

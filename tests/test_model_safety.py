@@ -42,7 +42,9 @@ def checkpoint(checkpoint_dir):
 LOG = """
 import json, sys, mlflow
 from pathlib import Path
-from digit_recognition.training import log_model, model_from_checkpoint, Probabilities
+from digit_recognition.mlmodel import log_model
+from digit_recognition.training import model_from_checkpoint
+from digit_recognition.calibration import Probabilities
 from digit_recognition.data import load_cleaned
 store, ck = Path(sys.argv[1]), sys.argv[2]
 mlflow.set_tracking_uri(f"sqlite:///{store/'mlflow.db'}")
@@ -95,7 +97,7 @@ def load(run_cli, env, source, images):
 
 def checkpoint_probabilities(checkpoint, calibrated=True):
     "The checkpoint's answers on its images.npy: calibrated (as every consumer answers) or at temperature 1."
-    from digit_recognition.training import probabilities_from_checkpoint
+    from digit_recognition.calibration import probabilities_from_checkpoint
     with torch.no_grad():
         x = torch.from_numpy(np.load(checkpoint.parent/'images.npy').astype(np.float32)/255)
         net = probabilities_from_checkpoint(checkpoint)

@@ -56,7 +56,7 @@ def test_run_is_recorded(trained, client):
 @pytest.mark.slow
 def test_logged_model_predicts(trained, client):
     import mlflow, torch
-    from digit_recognition.evaluation import load_logged_model
+    from digit_recognition.mlmodel import load_logged_model
     rid = trained[0]
     m = load_logged_model(f"runs:/{rid}/model")                # weights only: no pickle in the logged model
     from digit_recognition.data import load_cleaned
