@@ -36,9 +36,10 @@ HEAVY = ('torch', 'torchvision', 'mlflow', 'scipy', 'matplotlib', 'pandas',
 
 def run_folders(source, d:Path) -> tuple:
     "Two run folders for the model in `source`, `(onnx, torch)`: its checkpoint with and without model.onnx beside it."
-    from digit_recognition.evaluation import resolve_model, load_model
+    from digit_recognition.sources import model_source
+    from digit_recognition.mlmodel import load_model
     from digit_recognition.model import export_onnx
-    ref = resolve_model(source or '')
+    ref = model_source(source or '')
     if not ref.checkpoint: sys.exit(f"{source}: no checkpoint on this machine (pass --model <run folder>/best.pt)")
     ck = Path(ref.checkpoint)
     onnx, pt = d/'onnx', d/'torch'

@@ -67,9 +67,10 @@ def score(r) -> float:
 def energy_table(model, tune_files, digit_files):
     "Calibrated top probability against the energy score (-T logsumexp(z/T)), on the tune families, at one FRR."
     import torch
-    from digit_recognition.evaluation import resolve_model, load_model
+    from digit_recognition.sources import model_source
+    from digit_recognition.mlmodel import load_model
     from digit_recognition.images import to_mnist_checked
-    net = load_model(resolve_model(model))
+    net = load_model(model_source(model))
     def arrays(files):
         got = [to_mnist_checked(f) for f in files]
         ruled = np.array([a is None or d in INK_RULES for a, d in got])

@@ -20,8 +20,8 @@ class DigitError(Exception):
     "A user-facing error: one line that names the file or field and what was expected (`command` adds `error: `)."
 
 # %% ../nbs/00_config.ipynb #b9aab69f
-def first_line(e:BaseException,  # any exception
-               width:int=160,    # the most characters kept
+def first_line(e:BaseException|str,  # any exception (or its message)
+               width:int=160,        # the most characters kept
               ) -> str:
     "The first line of `e`'s message, at most `width` characters; its type's name when the message is empty."
     lines = str(e).strip().splitlines()
@@ -218,7 +218,7 @@ class Settings:
         f = self.root/'settings.ini'
         try: self.project.read(f, encoding='utf-8')
         except configparser.Error as e:
-            raise DigitError(f"{f}: not a valid settings file ({e.message.splitlines()[0]})") from None
+            raise DigitError(f"{f}: not a valid settings file ({first_line(e.message)})") from None
         except UnicodeDecodeError as e: raise DigitError(_not_utf8(f, e)) from None
         for s in self.project.sections():
             for k in self.project.options(s):

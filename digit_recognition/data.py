@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 from fastcore.script import anno_parser
-from .config import Settings, DigitError, command, atomic_write
+from .config import Settings, DigitError, command, atomic_write, first_line
 from .images import BadImage, read_digit_image
 from .outliers import load_outliers, load_views
 
@@ -75,8 +75,7 @@ def download_mnist_torchvision(timeout:float=30) -> dict:
             for train in (True, False): MNIST(d, train=train, download=True)
             return {n: (Path(d)/'MNIST'/'raw'/n).read_bytes() for n in MNIST_FILES}
     except Exception as e:
-        raise DigitError("torchvision download failed: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DigitError(f"torchvision download failed: {first_line(e)}") from None
     finally: socket.setdefaulttimeout(old)
 
 # %% ../nbs/02_data.ipynb #74988c0f

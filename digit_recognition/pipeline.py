@@ -16,7 +16,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, command
 from .data import prepare_data
-from .evaluation import ModelRef, evaluation_dir, run_evaluation
+from .sources import ModelSource
+from .evaluation import evaluation_dir, run_evaluation
 from .registry import check_gate, register_if_better, add_gate_flags
 from .tracking import connect_tracking, redact
 from .training import TrainParams
@@ -45,7 +46,7 @@ def current_evaluation(run_id:str,          # the training run
                        settings:Settings,   # the settings that say where results go
                       ):
     "The run's test evaluation if it was made on `dataset_version` and logged, else None."
-    f = evaluation_dir(ModelRef(run_id, run_id), 'test', settings)/'metrics.json'
+    f = evaluation_dir(ModelSource(run_id, run_id), 'test', settings)/'metrics.json'
     try: r = json.loads(f.read_text())
     except (OSError, ValueError): return None
     logged = 'test_accuracy' in mlflow.MlflowClient().get_run(run_id).data.metrics

@@ -16,7 +16,9 @@ from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, command
 from .data import load_cleaned
 from .tracking import tracking_error
-from .evaluation import ModelRef, load_model, predict_proba, run_evaluation
+from .sources import ModelSource
+from .mlmodel import load_model
+from .evaluation import predict_proba, run_evaluation
 
 # %% ../nbs/06a_registry.ipynb #f2891852
 def check_gate(metrics:dict,        # the evaluation's metrics, with its 'accuracy'
@@ -40,7 +42,7 @@ def champion_accuracy(champion,                     # the champion's registered 
     if data.version != dataset_version:
         raise DigitError(f"dataset: the cleaned data is version {data.version}, "
                          f"the candidate was evaluated on {dataset_version}")
-    net = load_model(ModelRef(f"models:/{champion.name}/{champion.version}",
+    net = load_model(ModelSource(f"models:/{champion.name}/{champion.version}",
                               uri=f"models:/{champion.name}/{champion.version}"))
     probs = predict_proba(net, data.test[0])
     return float((probs.argmax(1) == data.test[1].numpy()).mean()), f'measured again on {dataset_version}'

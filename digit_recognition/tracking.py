@@ -6,13 +6,14 @@ Docs: https://digit-recognition.github.io/digit-recognition/tracking.html.md"""
 
 # %% auto #0
 __all__ = ['RUN_ID', 'SHIPPED', 'redact', 'move_credentials', 'tracking_error', 'connect_tracking', 'use_experiment',
-           'parse_model_uri', 'logged_run_id', 'git_commit', 'process_alive', 'mark_stale_runs', 'shipped_notebook',
-           'papermill_notebook', 'ship_notebooks', 'run_notebook']
+           'git_commit', 'process_alive', 'mark_stale_runs', 'shipped_notebook', 'papermill_notebook', 'ship_notebooks',
+           'run_notebook']
 
 # %% ../nbs/04_tracking.ipynb #b108d49b
 import os, re, socket, subprocess, sys
 from pathlib import Path
-from .config import Settings, DigitError, env_name, find_root, tracking_uri, atomic_write
+from .config import (Settings, DigitError, env_name, find_root, tracking_uri, atomic_write,
+                                      first_line)
 
 # %% ../nbs/04_tracking.ipynb #584f0a71
 def redact(uri:str) -> str:
@@ -56,8 +57,7 @@ def tracking_error(uri:str, e:Exception) -> DigitError:
     if any(c in msg for c in ('401', '403', 'Unauthorized', 'Forbidden', 'Permission')):
         return DigitError(f"tracking server {redact(uri)} refused the credentials; "
                           "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
-    first = msg.strip().splitlines()[0][:200] if msg.strip() else type(e).__name__
-    return DigitError(f"tracking server {redact(uri)} cannot be reached ({first})")
+    return DigitError(f"tracking server {redact(uri)} cannot be reached ({first_line(e, 200)})")
 
 # %% ../nbs/04_tracking.ipynb #f3244827
 def _init_store(uri:str):
@@ -96,22 +96,6 @@ def use_experiment(name:str, uri:str):
 
 # %% ../nbs/04_tracking.ipynb #976d46a9
 RUN_ID = re.compile(r'^[0-9a-f]{32}$')     # an MLflow run id: the name of a run folder under results_dir
-
-# %% ../nbs/04_tracking.ipynb #880c52c2
-def parse_model_uri(uri:str) -> tuple:
-    "`(name, alias, version)` of a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI (empty strings where absent)."
-    name, _, version = uri.removeprefix('models:/').partition('/')
-    name, _, alias = name.partition('@')
-    return name, alias, version
-
-def logged_run_id(uri:str) -> str:
-    "The run behind a `runs:/` URI, or the registry version a `models:/` URI names ('' if it names neither)."
-    if uri.startswith('runs:/'): return uri.removeprefix('runs:/').split('/')[0]
-    import mlflow
-    name, alias, version = parse_model_uri(uri)
-    if alias: return mlflow.MlflowClient().get_model_version_by_alias(name, alias).run_id or ''
-    if version.isdigit(): return mlflow.MlflowClient().get_model_version(name, version).run_id or ''
-    return ''
 
 # %% ../nbs/04_tracking.ipynb #57d97411
 def git_commit(root) -> str:

@@ -19,7 +19,7 @@ import optuna
 from mlflow.exceptions import MlflowException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-from .config import Settings, DigitError, command
+from .config import Settings, DigitError, command, first_line
 from .tracking import connect_tracking, tracking_error, redact, use_experiment
 from .launch import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
 from .training import TrainParams
@@ -49,7 +49,7 @@ def parse_space(text:str,          # the declaration: `lr = float 0.001 0.05 log
                 make = FloatDistribution if kind == 'float' else IntDistribution
                 space[name] = make(lo, hi, log=words[3:] == ['log'])
             else: raise bad("expected NAME = float LOW HIGH [log] | int LOW HIGH [log] | choice A,B")
-        except ValueError as e: raise bad(str(e).splitlines()[0]) from None
+        except ValueError as e: raise bad(first_line(e)) from None
         d = space[name]                                   # every value it can take is one a run accepts
         for v in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high)):
             try: TrainParams(**{name: v})
@@ -109,7 +109,7 @@ def open_storage(url:str, settings:Settings|None=None) -> optuna.storages.RDBSto
                     grace_period=int(s.get('tune', 'grace_seconds')),
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         except Exception as e:
-            why = str(e).strip().splitlines()[0][:200]
+            why = first_line(e, 200)
             # workers starting together on a new database each create its tables: the losers see them appear
             if attempt < 3 and any(w in str(e) for w in RACING): time.sleep(0.5 + attempt); continue
             raise DigitError(f"storage {redact(url)}: cannot be opened ({why})") from None
@@ -332,7 +332,7 @@ def run_study(space:dict,                 # `{name: distribution}` (`parse_space
                                   load_if_exists=True)
     except DigitError: raise
     except Exception as e:
-        raise DigitError(f"storage {redact(url)}: cannot be used ({str(e).strip().splitlines()[0][:200]})") from None
+        raise DigitError(f"storage {redact(url)}: cannot be used ({first_line(e, 200)})") from None
     if st.direction.name.lower() != direction:
         raise DigitError(f"study {name_}: it {st.direction.name.lower()}s, and --metric {metric} would {direction}")
     for p in enqueue or []: st.enqueue_trial(p, skip_if_exists=True)

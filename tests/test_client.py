@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import ROOT, BIN, free_port, wait_for_http, as_in_a_terminal, sigint_state
+from helpers import ROOT, BIN, free_port, wait_for_http, as_in_a_terminal, sigint_state
 
 
 @pytest.fixture(scope='module')
@@ -254,7 +254,8 @@ from digit_recognition.client import DigitPredictor
 r = DigitPredictor.load({str(model_dir/'best.pt')!r}).predict({str(model_dir/'digit.png')!r})
 assert r.ok and r.top_k, r
 heavy = {{'torch', 'torchvision', 'mlflow', 'matplotlib', 'pandas',
-         'digit_recognition.data', 'digit_recognition.training', 'digit_recognition.evaluation'}}
+         'digit_recognition.data', 'digit_recognition.training', 'digit_recognition.evaluation',
+         'digit_recognition.calibration', 'digit_recognition.mlmodel', 'digit_recognition.launch'}}
 print(sorted(heavy & set(sys.modules)))
 """
     r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -3,7 +3,7 @@ from the package index, without torch. `digit-predict` reads digits there with O
 a model logged on an MLflow server, and imports no torch. Building the environment takes a while: marked slow."""
 import os, re, subprocess, sys, venv
 import pytest
-from conftest import ROOT, server_env
+from helpers import ROOT, server_env
 
 pytestmark = pytest.mark.slow
 MAX_MB = 400          # the issue's budget for a client-only environment
@@ -60,11 +60,12 @@ def test_digit_predict_reads_with_onnx_and_imports_no_torch(client_venv, checkpo
     assert not mods & {'torch', 'torchvision', 'mlflow'}, sorted(mods & {'torch', 'torchvision', 'mlflow'})
 
 
-def test_digit_predict_reads_a_model_logged_on_the_server(client_venv, mlflow_server, server_run, checkpoint_dir):
+def test_digit_predict_reads_a_model_logged_on_the_server(client_venv, mlflow_server, server_run, checkpoint_dir,
+                                                          tmp_path):
     "A `runs:/` URI on the login server: the logged model's ONNX file, downloaded with mlflow-skinny; no torch."
     run, _ = client_venv
-    rid, results, _ = server_run
-    env = {**server_env(mlflow_server, results), 'PYTHONPROFILEIMPORTTIME': '1'}
+    rid, _, _ = server_run
+    env = {**server_env(mlflow_server, tmp_path), 'PYTHONPROFILEIMPORTTIME': '1'}   # the run's folder is not here
     r = run('digit-predict', checkpoint_dir/'digit.png', '--model', f"runs:/{rid}/model", '--format', 'json', env=env)
     assert '"digit"' in r.stdout, r.stdout
     assert mlflow_server[2] not in r.stdout + r.stderr                    # the password never shows

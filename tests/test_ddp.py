@@ -5,7 +5,7 @@ arithmetic: two processes take the very steps of one with the same global batch.
 import os, re, signal, subprocess, time
 from pathlib import Path
 import pytest
-from conftest import ROOT, BIN
+from helpers import ROOT, BIN
 
 DDP = ['--nproc-per-node', '2', '--batch-size', '100']
 

@@ -2,7 +2,7 @@
 workflows (actionlint), DEPLOYMENT.md's commands (run for real in a copy of the project) and the documentation."""
 import json, os, re, shutil, socket, subprocess
 import pytest
-from conftest import ROOT, BIN
+from helpers import ROOT, BIN
 
 SECRET = re.compile(r'(TOKEN|PASSWORD|SECRET|API_KEY|ACCESS_KEY)', re.I)
 

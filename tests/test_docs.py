@@ -3,7 +3,7 @@ HTML (`jupyter nbconvert`, as a docs build without Quarto would) shows it; measu
 `bench/results/`, not from prose typed by hand."""
 import json, re, subprocess
 import pytest
-from conftest import ROOT, BIN
+from helpers import ROOT, BIN
 
 NOTEBOOKS = sorted((ROOT/'nbs').glob('*.ipynb'))
 # A cell that draws: calls one of our plotting helpers or matplotlib directly.

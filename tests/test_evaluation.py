@@ -5,7 +5,7 @@ import json, os, re, shutil
 from pathlib import Path
 import numpy as np
 import pytest
-from conftest import ROOT, together
+from helpers import ROOT, together
 
 pytestmark = pytest.mark.slow
 

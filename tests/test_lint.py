@@ -1,6 +1,6 @@
 "The house style, checked: ruff passes (pyflakes, syntax, 120-character lines) and the notebooks' code fits in 120."
 import json, subprocess
-from conftest import ROOT, BIN
+from helpers import ROOT, BIN
 
 
 def test_ruff():

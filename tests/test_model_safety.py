@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import together
+from helpers import together
 
 NAME = 'digit-recognizer'
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 a damaged dataset or an impossible parameter (caught before a run exists), a wrong `--resume`."""
 import os, shutil, signal, subprocess, sys, time
 import pytest
-from conftest import ROOT, BIN, together, as_in_a_terminal
+from helpers import ROOT, BIN, together, as_in_a_terminal
 
 TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100']
 

@@ -3,7 +3,7 @@ not in training_results/ or the executed notebooks, not on the tracking server (
 import json, os, shutil, subprocess
 from pathlib import Path
 import pytest
-from conftest import ROOT, BIN, together
+from helpers import ROOT, BIN, together
 
 TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--no-augment']
 

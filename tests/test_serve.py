@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from conftest import ROOT, BIN, free_port, wait_for_http
+from helpers import ROOT, BIN, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow         # a server, a registry and a browser: the slow tier
 

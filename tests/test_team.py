@@ -5,7 +5,7 @@ import json, os, re, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import yaml
-from conftest import ROOT, BIN
+from helpers import ROOT, BIN
 
 COMPOSE = ROOT/'deploy'/'compose.yaml'
 

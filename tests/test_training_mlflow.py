@@ -4,7 +4,7 @@ import csv, json, re
 from pathlib import Path
 import numpy as np
 import pytest
-from conftest import TINY_RUN as TINY, server_env, together
+from helpers import TINY_RUN as TINY, server_env, together
 
 
 @pytest.fixture(scope='module')
@@ -191,7 +191,7 @@ def test_wrong_password_fails_fast_and_keeps_checkpoint(trained, mlflow_server, 
 
 
 def test_unreachable_server(tmp_path, run_cli):
-    from conftest import free_port
+    from helpers import free_port
     r = run_cli('digit-train', *TINY, env={'MLFLOW_TRACKING_URI': f'http://127.0.0.1:{free_port()}',
                                            'DIGIT_PATHS_RESULTS_DIR': str(tmp_path)})
     assert r.returncode == 1 and 'cannot be reached' in r.stderr.strip().splitlines()[-1]
@@ -201,7 +201,7 @@ def test_unreachable_server(tmp_path, run_cli):
 def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client, data_ready):
     "A run killed mid-training keeps its last completed epoch; --resume finishes it in the same MLflow run."
     import os, signal, subprocess, time, torch
-    from conftest import ROOT, BIN, as_in_a_terminal
+    from helpers import ROOT, BIN, as_in_a_terminal
     env = {**os.environ, **server_env(mlflow_server, tmp_path)}
     p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '1000', '--quiet'], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,

@@ -4,7 +4,7 @@ Building the wheel and running every command from it takes minutes: all are mark
 import os, re, subprocess, sys, zipfile
 import pytest
 from PIL import Image
-from conftest import ROOT, together
+from helpers import ROOT, together
 
 pytestmark = pytest.mark.slow
 TINY = ['--epochs', '1', '--max-train-samples', '1000', '--batch-size', '100', '--no-augment']
@@ -36,7 +36,7 @@ def installed(tmp_path_factory, mnist_dir):
 
 def test_imports_come_from_the_wheel(installed):
     run, home, site = installed
-    out = run("import digit_recognition, digit_recognition.training as t; print(digit_recognition.__file__); "
+    out = run("import digit_recognition, digit_recognition.launch as t; print(digit_recognition.__file__); "
               "print(t.training_notebook()); from digit_recognition.config import Settings; s = Settings(); "
               "print(s.root); print(s.lookup('train', 'epochs'))").stdout.splitlines()
     assert out[0].startswith(str(site)) and out[1].startswith(str(site))
