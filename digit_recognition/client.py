@@ -6,16 +6,17 @@ Docs: https://digit-recognition.github.io/digit-recognition/client.html.md"""
 
 # %% auto #0
 __all__ = ['Prediction', 'ServedModel', 'OnnxModel', 'run_model', 'download_onnx', 'open_model', 'check_model', 'DigitPredictor',
-           'expand_inputs', 'format_results', 'annotate', 'predict_parser', 'digit_predict', 'DrawingPad',
-           'client_parser', 'digit_client', 'show_prediction', 'upload_widget']
+           'expand_inputs', 'format_results', 'annotate', 'digit_predict', 'DrawingPad', 'digit_client',
+           'show_prediction', 'upload_widget']
 
 # %% ../nbs/07_client.ipynb #321072c2
-import argparse, csv, glob, io, json, math, os, signal, sys, time
+import csv, glob, io, json, math, os, signal, sys, time
 from dataclasses import dataclass, field, asdict
+from typing import Annotated
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from .config import Settings, DigitError, command, atomic_write, first_line
+from .config import Settings, DigitError, cli, atomic_write, first_line
 from .images import IMAGE_SUFFIXES, to_gray, to_mnist_checked, _name
 from .sources import ModelSource, model_source
 
@@ -303,61 +304,38 @@ def annotate(path, pred:Prediction) -> Image.Image:
     ImageDraw.Draw(out).text((4, im.height + 6), text, fill='black', font=font)
     return out
 
-# %% ../nbs/07_client.ipynb #532797bd
-def predict_parser() -> argparse.ArgumentParser:
-    "The `digit-predict` command line."
-    p = argparse.ArgumentParser('digit-predict', description="Read handwritten digits from image files (photos, scans, "
-        "drawings): prints a table, or writes JSON / CSV. An image that does not look like one digit, or that the "
-        "model reads with a calibrated probability below its threshold (the model's own, fitted when it was trained, "
-        "or --min-confidence), is answered '?' (not sure) with the reason: no ink, too much ink (a page covered in "
-        "it), low confidence. Runs the model with ONNX Runtime when "
-        "it is installed and the model has an ONNX file, else with PyTorch. Exit status 0 when every input was "
-        "answered (a digit or not sure), 1 if any input could not be read or the model could not be loaded.")
-    p.add_argument('paths', nargs='+', metavar='PATH',
-                   help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument('--model', default=None,
-                   help="a run id, runs:/ or models:/ URI, checkpoint or run folder (uses its model.onnx if there), "
-                        "or .onnx file (default: models:/digit-recognizer@champion)")
-    p.add_argument('--server', default=None, metavar='URL',
-                   help="use a model served by `mlflow models serve` at URL instead of loading one")
-    p.add_argument('--min-confidence', type=float, default=None, metavar='P',
-                   help="answer 'not sure' when the model's calibrated probability for its best guess is below P, "
-                        "0..1 (default: [client] min_confidence if you set it, else the model's own threshold, "
-                        "else [client] min_confidence)")
-    p.add_argument('--top-k', type=int, default=3, help="how many candidates to list per image (default: %(default)s)")
-    p.add_argument('--format', choices=['table', 'json', 'csv'], default='table',
-                   help="output format; in JSON and CSV an answer that is not sure has no digit and a reason "
-                        "(default: %(default)s)")
-    p.add_argument('--output', default=None, metavar='FILE', help="write the results to FILE instead of the terminal")
-    p.add_argument('--save-annotated', default=None, metavar='DIR',
-                   help="save each image with its answer written under it to DIR (as NAME-DIGIT.png or "
-                        "NAME-unsure.png)")
-    return p
-
 # %% ../nbs/07_client.ipynb #eeb6fabc
-@command
-def digit_predict(argv=None):
-    "Entry point of `digit-predict`: exit status 0 (digits or not sure), 1 if an input or the model failed, 130 Ctrl-C."
-    code = _digit_predict(argv)
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)     # everything is written: skip the time libraries spend tearing down at exit
-
-def _digit_predict(argv=None) -> int:
-    a = predict_parser().parse_args(argv)
-    if a.top_k < 1: raise DigitError("--top-k: expected at least 1")
-    if a.min_confidence is not None and not 0 <= a.min_confidence <= 1:
-        raise DigitError(f"--min-confidence: expected a probability between 0 and 1, got {a.min_confidence:g}")
-    files = expand_inputs(a.paths)
-    if not files: raise DigitError(f"no image files in {' '.join(a.paths)}")
-    predictor = DigitPredictor.load(a.server or a.model, min_confidence=a.min_confidence)
-    results = predictor.predict(files, top_k=a.top_k)
-    text = format_results(results, a.format)
+@cli(pos=['paths'], fast_exit=True)
+def digit_predict(paths:Annotated[str, {'nargs': '+', 'metavar': 'PATH'}],  # image files, folders or glob patterns
+                  model:str=None,       # a run id, URI, checkpoint, run folder or .onnx file (default: the champion)
+                  server:Annotated[str, {'metavar': 'URL'}]=None,   # a model served by `mlflow models serve` at URL
+                  min_confidence:Annotated[float, {'metavar': 'P'}]=None,  # "not sure" below this probability, 0..1
+                  top_k:int=3,          # how many candidates to list per image
+                  format:Annotated[str, {'choices': ('table', 'json', 'csv')}]='table',  # how to write the results
+                  output:Annotated[str, {'metavar': 'FILE'}]=None,   # write the results to FILE, not the terminal
+                  save_annotated:Annotated[str, {'metavar': 'DIR'}]=None,  # save each image with its answer to DIR
+                 ) -> int:              # 0: every input answered (a digit or not sure); 1: an input failed
+    """Read handwritten digits from image files (photos, scans, drawings): prints a table, or writes JSON / CSV (an
+    answer that is not sure has no digit there, and a reason). An image that does not look like a digit, or that the
+    model reads with a calibrated probability below its threshold (the model's own, fitted when it was trained, or
+    --min-confidence, else [client] min_confidence), is answered '?' (not sure) with the reason. Runs the model with
+    ONNX Runtime when it is installed and the model has an ONNX file, else with PyTorch. --save-annotated writes
+    NAME-DIGIT.png or NAME-unsure.png. Exit status 0 when every input was answered, 1 if any input could not be read
+    or the model could not be loaded."""
+    if top_k < 1: raise DigitError("--top-k: expected at least 1")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise DigitError(f"--min-confidence: expected a probability between 0 and 1, got {min_confidence:g}")
+    files = expand_inputs(paths)
+    if not files: raise DigitError(f"no image files in {' '.join(paths)}")
+    predictor = DigitPredictor.load(server or model, min_confidence=min_confidence)
+    results = predictor.predict(files, top_k=top_k)
+    text = format_results(results, format)
     try:
-        if a.output: atomic_write(Path(a.output), lambda f: f.write(text.encode()))
+        if output: atomic_write(Path(output), lambda f: f.write(text.encode()))
         else: sys.stdout.write(text)
-    except OSError as e: raise DigitError(f"--output {a.output}: {e.strerror or first_line(e)}") from None
-    if a.save_annotated:
-        d = Path(a.save_annotated)
+    except OSError as e: raise DigitError(f"--output {output}: {e.strerror or first_line(e)}") from None
+    if save_annotated:
+        d = Path(save_annotated)
         try:
             d.mkdir(parents=True, exist_ok=True)
             for f, r in zip(files, results):
@@ -446,29 +424,20 @@ class DrawingPad:
         self.label.config(text=f"saved {f.name}")
         return f
 
-# %% ../nbs/07_client.ipynb #2f1c9980
-def client_parser() -> argparse.ArgumentParser:
-    "The `digit-client` command line."
-    p = argparse.ArgumentParser('digit-client', description="A drawing pad: draw a digit with the mouse and watch the "
-                                "model read it. Needs a display.")
-    p.add_argument('--model', default=None,
-                   help="a run id, runs:/ or models:/ URI, checkpoint, or served model URL (default: the champion)")
-    p.add_argument('--min-confidence', type=float, default=None, metavar='P',
-                   help="answer 'not sure' below this probability, 0..1 (default: the model's own threshold)")
-    p.add_argument('--save-dir', default='drawings', help="where Save puts the PNGs (default: %(default)s)")
-    return p
-
 # %% ../nbs/07_client.ipynb #52a62b7b
-@command
-def digit_client(argv=None):
-    "Entry point of `digit-client`: exit status 0 when the window is closed, 1 on errors, 130 on Ctrl-C (one line)."
-    a = client_parser().parse_args(argv)
+@cli
+def digit_client(model:str=None,          # a run id, URI, checkpoint, or served model URL (default: the champion)
+                 min_confidence:Annotated[float, {'metavar': 'P'}]=None,  # "not sure" below this probability, 0..1
+                 save_dir:str='drawings',  # where Save puts the PNGs
+                ):
+    """A drawing pad: draw a digit with the mouse and watch the model read it. Needs a display. Exit status 0 when
+    the window is closed, 1 on errors, 130 on Ctrl-C."""
     try:
         import tkinter as tk
         root = tk.Tk()
     except Exception as e:
         raise DigitError(f"no display for the drawing pad ({first_line(e)}); set DISPLAY or use digit-predict")
-    try: DrawingPad(root, DigitPredictor.load(a.model, min_confidence=a.min_confidence), a.save_dir)
+    try: DrawingPad(root, DigitPredictor.load(model, min_confidence=min_confidence), save_dir)
     except DigitError: root.destroy(); raise
     # Tk runs no Python while it waits for events, so Ctrl-C would only be seen at the next mouse move (and then
     # as a traceback from a callback): a timer wakes Python every 0.1 s, and the handler ends the loop instead

@@ -7,7 +7,7 @@ Docs: https://digit-recognition.github.io/digit-recognition/launch.html.md"""
 # %% auto #0
 __all__ = ['DIST_OPTIONS', 'RUN_OPTIONS', 'make_pruner', 'trial_reporter', 'distributed_options', 'worker_failure', 'launch_fit',
            'join_training', 'train', 'training_notebook', 'param_specs', 'add_parameter_flags', 'add_distributed_flags',
-           'train_parser', 'run_training', 'explicit_args', 'digit_train']
+           'run_training', 'digit_train']
 
 # %% ../nbs/05c_launch.ipynb #327cb9fc
 import argparse, contextlib, json, os, socket, sys
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import matplotlib.pyplot as plt
 from fastcore.docments import docments
-from .config import (Settings, DigitError, command, get_device, seed_everything, typed,
+from .config import (Settings, DigitError, cli, get_device, seed_everything, typed,
                                       atomic_write)
 from .data import load_cleaned
 from .outliers import load_outliers
@@ -332,34 +332,23 @@ def param_specs(settings:Settings|None=None) -> dict:
 
 # %% ../nbs/05c_launch.ipynb #e34c93b5
 def add_parameter_flags(parser:argparse.ArgumentParser, settings:Settings|None=None):
-    "Add a `--kebab-case` flag for each `TrainParams` field (defaults from `settings`) and each of `RUN_OPTIONS`."
+    "A `--kebab-case` flag for each `TrainParams` field and each of `RUN_OPTIONS`, None unless given."
     opts = {k: {'default': '', 'type': str, 'help': h} for k, h in RUN_OPTIONS.items()}
     for name, p in {**param_specs(settings), **opts}.items():
         flag, d = '--' + name.replace('_', '-'), p['default']
-        shown = f"{p['help']} (default: {d!r})"
-        if p['type'] is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=d, help=shown)
-        else: parser.add_argument(flag, type=p['type'], default=d, metavar=p['type'].__name__.upper(), help=shown)
+        shown = f"{p['help']} (default: {d!r}" + (f", [train] {name})" if name not in RUN_OPTIONS else ")")
+        if p['type'] is bool: parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=shown)
+        else: parser.add_argument(flag, type=p['type'], metavar=p['type'].__name__.upper(), help=shown)
     return parser
 
 # %% ../nbs/05c_launch.ipynb #419ed93d
 def add_distributed_flags(parser:argparse.ArgumentParser, settings:Settings|None=None):
-    "Add `--nproc-per-node`, `--nnodes`, `--node-rank` and `--rdzv-endpoint` (`DIST_OPTIONS`; defaults: `settings`)."
+    "Add `--nproc-per-node`, `--nnodes`, `--node-rank` and `--rdzv-endpoint` (`DIST_OPTIONS`), None unless given."
     d = distributed_options(settings)
     for k, h in DIST_OPTIONS.items():
-        parser.add_argument('--' + k.replace('_', '-'), type=type(d[k]), default=d[k],
-                            metavar='HOST:PORT' if k == 'rdzv_endpoint' else 'N', help=f"{h} (default: {d[k]!r})")
+        parser.add_argument('--' + k.replace('_', '-'), type=type(d[k]), metavar='HOST:PORT' if k == 'rdzv_endpoint'
+                            else 'N', help=f"{h} (default: {d[k]!r}, [distributed] {k})")
     return parser
-
-def train_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
-    "The `digit-train` command line."
-    p = argparse.ArgumentParser('digit-train', description="Train a digit recogniser: runs the training notebook "
-        "through papermill with these parameters, records the run in MLflow and keeps the executed notebook. "
-        "Defaults are the full recipe from settings.ini [train]; --nproc-per-node N trains in N processes "
-        "(torch.distributed, torchrun's engine) with the same global batch.")
-    add_parameter_flags(p, settings)
-    add_distributed_flags(p, settings)
-    p.add_argument('--quiet', action='store_true', help="don't stream the notebook's output")
-    return p
 
 # %% ../nbs/05c_launch.ipynb #144b9eaf
 def _check_resume(resume:str, given:dict|None, results:Path, client, uri:str) -> str:
@@ -429,19 +418,16 @@ def run_training(params:dict,              # `TrainParams` fields (the others: s
     res = json.loads((results/rid/'result.json').read_text())
     return {**res, 'notebook': str(out_nb)}
 
-# %% ../nbs/05c_launch.ipynb #4719cbef
-def explicit_args(parser:argparse.ArgumentParser, argv=None) -> dict:
-    "Only the options the user actually gave on the command line (not the defaults)."
-    for a in parser._actions: a.default = argparse.SUPPRESS
-    return vars(parser.parse_args(argv))
-
 # %% ../nbs/05c_launch.ipynb #ed590b2f
-@command
-def digit_train(argv=None):
-    "Entry point of `digit-train`."
-    p = train_parser(); args = vars(p.parse_args(argv)); quiet = args.pop('quiet')
-    dist = {k: args.pop(k) for k in DIST_OPTIONS}
-    res = run_training(args, log_output=not quiet, given=explicit_args(p, argv), distributed=dist)
+@cli(flags=[add_parameter_flags, add_distributed_flags])
+def digit_train(quiet:bool=False,  # don't stream the notebook's output
+                **params):
+    """Train a digit recogniser: runs the training notebook through papermill with these parameters, records the run
+    in MLflow and keeps the executed notebook. Defaults are the full recipe from settings.ini [train];
+    --nproc-per-node N trains in N processes (torch.distributed, torchrun's engine) with the same global batch."""
+    dist = {k: params.pop(k) for k in DIST_OPTIONS}
+    given = {k: v for k, v in params.items() if v is not None}
+    res = run_training(params, log_output=not quiet, given=given, distributed=dist)
     if res.get('node_rank'):
         print(f"node {res['node_rank']}: trained its share of run {res['run_id']} (node 0 keeps the run)"); return
     print(f"run {res['run_id']}: best val_accuracy {res['best_val_accuracy']:.4f} at epoch {res['best_epoch']}")

@@ -6,22 +6,22 @@ Docs: https://digit-recognition.github.io/digit-recognition/pipeline.html.md"""
 
 # %% auto #0
 __all__ = ['NAME_PARAMS', 'train_key', 'current_run', 'current_evaluation', 'current_registration', 'run_pipeline',
-           'print_summary', 'pipeline_parser', 'digit_pipeline']
+           'print_summary', 'digit_pipeline']
 
 # %% ../nbs/10_pipeline.ipynb #ea4c5839
-import argparse, hashlib, json
+import hashlib, json
 from dataclasses import asdict
 from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
-from .config import Settings, DigitError, command
+from .config import Settings, DigitError, cli
 from .data import prepare_data
 from .sources import ModelSource
 from .evaluation import evaluation_dir, run_evaluation
 from .registry import check_gate, register_if_better, add_gate_flags
 from .tracking import connect_tracking, redact
 from .training import TrainParams
-from .launch import RUN_OPTIONS, add_parameter_flags, run_training, explicit_args
+from .launch import RUN_OPTIONS, add_parameter_flags, run_training
 
 # %% ../nbs/10_pipeline.ipynb #7eac164e
 NAME_PARAMS = (*RUN_OPTIONS, 'run_id')
@@ -68,14 +68,15 @@ def current_registration(run_id:str, name:str):
 # %% ../nbs/10_pipeline.ipynb #bb49a547
 def run_pipeline(params:dict,              # `TrainParams` fields to change (the rest: settings) and `RUN_OPTIONS`
                  force:bool=False,         # redo every stage even if its output is current
-                 min_accuracy:float=0.99,  # the gate: no registration below this test accuracy
-                 register:bool=True,       # register a model that passes (champion if it beats the current one)
+                 min_accuracy:float|None=None,  # the gate: no registration below it; None: `[evaluate]`'s
+                 register:bool|None=None,  # register a model that passes (champion if it beats the current one)
                  quiet:bool=False,         # only the summary
                  settings:Settings|None=None,  # None: the project's settings
                 ) -> dict:                 # `dataset_version`, `run_id`, `test_accuracy`, `gate`, `passed`, `registry`
     "Data -> train -> evaluate -> register, reusing each stage's output when it is current."
     s = settings or Settings()
     tp = TrainParams.from_settings(s, **{k: v for k, v in params.items() if k not in NAME_PARAMS})   # fails early
+    min_accuracy, register = s.get('evaluate', 'min_accuracy', min_accuracy), s.get('evaluate', 'register', register)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say("[1/4] data")
     manifest = prepare_data(force=force, quiet=quiet); version = manifest['version']
@@ -116,35 +117,22 @@ def print_summary(r:dict):
     ui = 'make ui' if r['tracking_uri'].startswith('sqlite:') else r['tracking_uri']
     print(f"MLflow            {r['tracking_uri']}  (open with: {ui})")
 
-# %% ../nbs/10_pipeline.ipynb #3805b2c2
-def pipeline_parser(settings:Settings|None=None) -> argparse.ArgumentParser:
-    "The `digit-pipeline` command line."
-    s = settings or Settings()
-    p = argparse.ArgumentParser('digit-pipeline', description="Prepare the data, train, evaluate and register, "
-        "reusing each stage's output when it is current. "
-        "Training flags are those of digit-train (defaults: settings.ini).")
-    p.add_argument('--force', action='store_true', help="redo every stage even if its output is current")
-    add_gate_flags(p, s)
-    p.add_argument('--quiet', action='store_true', help="only print the summary")
-    p.add_argument('--study', default=None, help="train with the best parameters a digit-tune study found (the "
-                   "training flags given here still win)")
-    p.add_argument('--storage', default=None, metavar='URL', help="the study's database (default: as digit-tune's)")
-    add_parameter_flags(p, s)
-    return p
-
 # %% ../nbs/10_pipeline.ipynb #24e0af07
-@command
-def digit_pipeline(argv=None):
-    "Entry point of `digit-pipeline`."
-    a = vars(pipeline_parser().parse_args(argv))
-    opts = {k: a.pop(k) for k in ('force', 'min_accuracy', 'register', 'quiet')}
-    study, storage = a.pop('study'), a.pop('storage')
+@cli(flags=[add_gate_flags, add_parameter_flags])
+def digit_pipeline(force:bool=False,    # redo every stage even if its output is current
+                   quiet:bool=False,    # only print the summary
+                   study:str=None,      # train with the best parameters a digit-tune study found (flags still win)
+                   storage:str=None,    # the study's database (default: as digit-tune's)
+                   **params):           # the gate's flags (`add_gate_flags`) and the training flags of digit-train
+    """Prepare the data, train, evaluate and register, reusing each stage's output when it is current. Training flags
+    are those of digit-train (defaults: settings.ini)."""
+    min_accuracy, register = params.pop('min_accuracy'), params.pop('register')
     if study:
         from digit_recognition.tune import best_of          # Optuna, only when asked for
-        best, given = best_of(study, storage or ''), explicit_args(pipeline_parser(), argv)
-        a.update({k: v for k, v in best.params.items() if k not in given})
+        best = best_of(study, storage or '')
+        params.update({k: v for k, v in best.params.items() if params.get(k) is None})   # the flags given win
         print(f"study {study}: trial {best.number}'s parameters: " +
-              ', '.join(f"{k}={a[k]}" for k in best.params), flush=True)
-    r = run_pipeline(a, **opts)
+              ', '.join(f"{k}={params[k]}" for k in best.params), flush=True)
+    r = run_pipeline(params, force, min_accuracy, register, quiet)
     print_summary(r)
     if not r['passed']: raise DigitError(f"gate failed: {r['gate']}")
