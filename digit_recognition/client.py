@@ -6,8 +6,8 @@ Docs: https://digit-recognition.github.io/digit-recognition/client.html.md"""
 
 # %% auto #0
 __all__ = ['Prediction', 'ServedModel', 'OnnxModel', 'run_model', 'download_onnx', 'open_model', 'check_model', 'DigitPredictor',
-           'expand_inputs', 'format_results', 'annotate', 'digit_predict', 'DrawingPad', 'digit_client',
-           'show_prediction', 'upload_widget']
+           'expand_inputs', 'format_results', 'annotate', 'send_corrections', 'digit_predict', 'DrawingPad',
+           'digit_client', 'show_prediction', 'upload_widget']
 
 # %% ../nbs/07_client.ipynb #321072c2
 import csv, glob, io, json, math, os, signal, sys, time
@@ -30,6 +30,7 @@ class Prediction:
     top_k: list = field(default_factory=list)  # the most likely digits, [(digit, probability)], best first
     reason: str|None = None                    # why the answer is "not sure" (e.g. 'no ink'); None for a digit
     error: str|None = None                     # why the input could not be read, in one line
+    image: np.ndarray|None = field(default=None, repr=False, compare=False)   # the 28x28 uint8 the model saw
     @property
     def ok(self) -> bool: return self.error is None
     @property
@@ -252,7 +253,7 @@ class DigitPredictor:
         where = [i for i, (a, _, _) in enumerate(prepared) if a is not None]
         if where:
             probs = self.probabilities(np.stack([prepared[i][0] for i in where]))
-            for i, p in zip(where, probs): self._answer(results[i], p, top_k)
+            for i, p in zip(where, probs): self._answer(results[i], p, top_k); results[i].image = prepared[i][0]
         return results[0] if single else results
 
 # %% ../nbs/07_client.ipynb #df288254
@@ -271,7 +272,8 @@ def expand_inputs(paths:list) -> list:
 # %% ../nbs/07_client.ipynb #1db6ba0f
 def format_results(results:list, fmt:str='table') -> str:
     "Predictions as a text table, JSON or CSV (not sure: `?` and the reason; in JSON and CSV no digit, a `reason`)."
-    if fmt == 'json': return json.dumps([asdict(r) for r in results], indent=1) + '\n'
+    if fmt == 'json': return json.dumps([{k: v for k, v in asdict(r).items() if k != 'image'} for r in results],
+                                        indent=1) + '\n'
     rows = [{'file': r.source, 'digit': r.digit, 'confidence': r.probability,
              'top_k': ' '.join(f"{d}:{p:.3f}" for d, p in r.top_k), 'reason': r.reason or '', 'error': r.error or ''}
             for r in results]
@@ -304,9 +306,33 @@ def annotate(path, pred:Prediction) -> Image.Image:
     ImageDraw.Draw(out).text((4, im.height + 6), text, fill='black', font=font)
     return out
 
+# %% ../nbs/07_client.ipynb #bbb2bcd9
+def send_corrections(server:str,   # a digit-serve: http://HOST:PORT
+                     path,         # a CSV file with columns prediction_id and digit
+                    ) -> int:      # exit status: 0 when every correction was taken, else 1
+    "Send the corrections in CSV `path` to `server`'s `/feedback`; one line of what happened."
+    import urllib.request, urllib.error
+    if not server: raise DigitError("--corrections: give --server URL, the digit-serve that answered")
+    try: rows = list(csv.DictReader(open(path, newline='', encoding='utf-8')))
+    except (OSError, UnicodeDecodeError, csv.Error) as e: raise DigitError(f"--corrections {path}: {first_line(e)}") from None
+    if rows and not {'prediction_id', 'digit'} <= set(rows[0]):
+        raise DigitError(f"--corrections {path}: expected the columns prediction_id and digit")
+    refused = []
+    for i, r in enumerate(rows, 2):
+        d = (r['digit'] or '').strip().lower()
+        body = {'prediction_id': (r['prediction_id'] or '').strip(), 'digit': None if d in ('', 'none') else int(d) if d.isdigit() else d}
+        req = urllib.request.Request(server.rstrip('/') + '/feedback', json.dumps(body).encode(),
+                                     {'Content-Type': 'application/json'})
+        try: urllib.request.urlopen(req, timeout=30).close()
+        except urllib.error.HTTPError as e: refused.append(f"line {i}: {json.loads(e.read() or b'{}').get('error', e)}")
+        except OSError as e: raise DigitError(f"--server {server}: {first_line(e)}") from None
+    print(f"{len(rows) - len(refused)} of {len(rows)} corrections taken" + (f" (first refused: {refused[0]})"
+                                                                           if refused else ''))
+    return 1 if refused else 0
+
 # %% ../nbs/07_client.ipynb #eeb6fabc
 @cli(pos=['paths'], fast_exit=True)
-def digit_predict(paths:Annotated[str, {'nargs': '+', 'metavar': 'PATH'}],  # image files, folders or glob patterns
+def digit_predict(paths:Annotated[str, {'nargs': '*', 'metavar': 'PATH'}],  # image files, folders or glob patterns
                   model:str=None,       # a run id, URI, checkpoint, run folder or .onnx file (default: the champion)
                   server:Annotated[str, {'metavar': 'URL'}]=None,   # a model served by `mlflow models serve` at URL
                   min_confidence:Annotated[float, {'metavar': 'P'}]=None,  # "not sure" below this probability, 0..1
@@ -314,6 +340,7 @@ def digit_predict(paths:Annotated[str, {'nargs': '+', 'metavar': 'PATH'}],  # im
                   format:Annotated[str, {'choices': ('table', 'json', 'csv')}]='table',  # how to write the results
                   output:Annotated[str, {'metavar': 'FILE'}]=None,   # write the results to FILE, not the terminal
                   save_annotated:Annotated[str, {'metavar': 'DIR'}]=None,  # save each image with its answer to DIR
+                  corrections:Annotated[str, {'metavar': 'CSV'}]=None,  # with --server: send these to digit-serve
                  ) -> int:              # 0: every input answered (a digit or not sure); 1: an input failed
     """Read handwritten digits from image files (photos, scans, drawings): prints a table, or writes JSON / CSV (an
     answer that is not sure has no digit there, and a reason). An image that does not look like a digit, or that the
@@ -321,7 +348,10 @@ def digit_predict(paths:Annotated[str, {'nargs': '+', 'metavar': 'PATH'}],  # im
     --min-confidence, else [client] min_confidence), is answered '?' (not sure) with the reason. Runs the model with
     ONNX Runtime when it is installed and the model has an ONNX file, else with PyTorch. --save-annotated writes
     NAME-DIGIT.png or NAME-unsure.png. Exit status 0 when every input was answered, 1 if any input could not be read
-    or the model could not be loaded."""
+    or the model could not be loaded. --server URL --corrections CSV sends corrections (prediction_id,digit rows; an
+    empty digit: not a digit) to the digit-serve at URL."""
+    if corrections: return send_corrections(server, corrections)
+    if not paths: raise DigitError("PATH: give image files, folders or glob patterns (or --corrections)")
     if top_k < 1: raise DigitError("--top-k: expected at least 1")
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise DigitError(f"--min-confidence: expected a probability between 0 and 1, got {min_confidence:g}")

@@ -63,6 +63,8 @@ DEFAULTS = """
 data_dir = data
 cleaned_dir = dataset_cleaned
 results_dir = training_results
+# Corrections sent to digit-serve, as image files by label (digit-pipeline --feedback trains on them).
+feedback_dir = feedback
 
 [data]
 # A folder holding the four MNIST IDX files (.gz or not); empty = try the download routes.
@@ -154,6 +156,13 @@ max_pixels = 25000000
 max_batch = 32
 # The most pixels of all the images of one request together (decoding them is the costly part of an answer).
 max_request_pixels = 50000000
+# The prediction log: every answer (and its correction) as a row, a file of the project (SQLite) or a SQLAlchemy URL
+# (postgresql+psycopg://USER@HOST/DB; the password from the environment); empty = no log (and no /feedback).
+prediction_log = predictions.db
+# Rows older than this many days are deleted (0: kept for ever).
+prediction_log_days = 90
+# The most corrections /feedback takes in a minute (more: 429, try later).
+max_feedback_per_minute = 120
 
 [tune]
 # digit-tune: the search space, one training parameter per line:
@@ -179,6 +188,20 @@ startup_trials = 2
 # A running trial's heartbeat; a trial silent for grace_seconds (its worker died) is marked failed and run again once.
 heartbeat_seconds = 10
 grace_seconds = 30
+
+[monitor]
+# digit-monitor: the window of the prediction log it reads (hours back from now), and the fewest answers it judges.
+window_hours = 24
+min_answers = 50
+# Alerts (exit status 1): the answered digits' distribution differs from the reference (chi-square p-value below),
+# the top probability's distribution (Kolmogorov-Smirnov statistic above), the inputs' ink (population stability
+# index above), "not sure" more often than the reference by more than, corrections per answer above, slow answers.
+min_digits_p = 0.001
+max_confidence_ks = 0.25
+max_ink_psi = 0.25
+max_not_sure_increase = 0.10
+max_correction_rate = 0.05
+max_latency_p95_ms = 500
 """
 
 # %% ../nbs/00_config.ipynb #853b9978
