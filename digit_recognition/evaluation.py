@@ -8,7 +8,7 @@ Docs: https://digit-recognition.github.io/digit-recognition/evaluation.html.md""
 __all__ = ['ONNX_TOLERANCE', 'METRIC_KEYS', 'ONNX_KEYS', 'REJECT_KEYS', 'predict_proba', 'classification_metrics', 'uncalibrated',
            'plot_confusion', 'plot_per_class_f1', 'confident_errors', 'plot_confident_errors', 'plot_reliability',
            'inference_speed', 'onnx_file', 'onnx_agreement', 'metric_prefix', 'evaluation_dir', 'report_markdown',
-           'evaluate_model', 'evaluation_notebook', 'run_evaluation']
+           'reference_answers', 'evaluate_model', 'evaluation_notebook', 'run_evaluation']
 
 # %% ../nbs/06_evaluation.ipynb #e02c2dc5
 import copy, hashlib, importlib.util, json, time, warnings
@@ -21,6 +21,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, atomic_write, first_line
 from .data import load_cleaned, show_grid
+from .images import ink_share
 from .tracking import connect_tracking, tracking_error, shipped_notebook, run_notebook
 from .sources import ModelSource, model_source
 from .training import load_checkpoint
@@ -259,6 +260,17 @@ def report_markdown(r:dict) -> str:
              '', '## Pictures', '', *[f"![{k}]({f})" for k, f in r['figures'].items()], '']
     return '\n'.join(lines)
 
+# %% ../nbs/06_evaluation.ipynb #29749b2f
+def reference_answers(probs:np.ndarray,        # the model's probabilities on the validation split, N x 10
+                      images:np.ndarray,       # those images, N x 28 x 28 uint8
+                      threshold:float|None,    # the model's "not sure" threshold (None: none)
+                     ) -> dict:                # `n`, `digits` (answered, per digit), `not_sure`, `confidence`, `ink`
+    "What the model answers on the validation split, to compare a served model's answers with (`digit-monitor`)."
+    top = probs.max(1); sure = top >= (threshold or 0)
+    return {'n': len(top), 'digits': np.bincount(probs.argmax(1)[sure], minlength=10).tolist(),
+            'not_sure': float(1 - sure.mean()), 'confidence': np.round(top, 4).tolist(),
+            'ink': np.round(ink_share(images), 4).tolist()}
+
 # %% ../nbs/06_evaluation.ipynb #5a690c52
 def _save_figure(fig, path:Path):
     atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)); plt.close(fig)
@@ -318,6 +330,10 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
          'onnx': str(onnx) if onnx else ''}
     atomic_write(out/'report.md', lambda f: f.write(report_markdown(r).encode()))
     atomic_write(out/'metrics.json', lambda f: f.write(json.dumps(r, indent=1).encode()))
+    if split == 'test':                    # what digit-monitor compares a served model's answers with
+        val = load_cleaned(splits=('val',)).val[0]
+        ref = reference_answers(predict_proba(net, val, batch_size), val.squeeze(1).numpy(), m.get('reject_threshold'))
+        atomic_write(out/'reference.json', lambda f: f.write(json.dumps(ref).encode()))
     if log_to_mlflow and run is not None:
         try:
             with mlflow.start_run(run_id=ref.run_id):

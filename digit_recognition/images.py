@@ -8,7 +8,7 @@ Docs: https://digit-recognition.github.io/digit-recognition/images.html.md"""
 __all__ = ['PAD_SIZE', 'PAD_PEN', 'MAX_PIXELS', 'IMAGE_SUFFIXES', 'WORK_SIZE', 'MAX_INK_SHARE', 'photograph', 'render_photo',
            'draw_strokes', 'thin', 'render_drawing', 'BadImage', 'to_gray', 'ink_on_dark', 'remove_background',
            'crop_to_ink', 'ink_doubt', 'fit_and_centre', 'is_mnist_form', 'to_mnist', 'to_mnist_checked',
-           'read_digit_image']
+           'read_digit_image', 'ink_share']
 
 # %% ../nbs/01_images.ipynb #18a6df1d
 import io, warnings
@@ -384,3 +384,8 @@ def read_digit_image(path) -> tuple:
     except BadImage as e:
         if e.reason != 'blank': raise
         return np.zeros((28, 28), np.uint8), []
+
+# %% ../nbs/01_images.ipynb #cc4205b9
+def ink_share(images) -> np.ndarray:
+    "The share of each 28x28 image's pixels that are ink (grey level 128 or more, MNIST-style: light ink on black)."
+    return (np.asarray(images).reshape(-1, 28*28) >= 128).mean(1)
