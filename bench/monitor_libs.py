@@ -25,7 +25,9 @@ def measure(packages:list, code:str) -> dict:
         mb = sum(f.stat().st_size for f in (d/'venv').rglob('*') if f.is_file() and not f.is_symlink())/2**20
         times = []
         for _ in range(3):
-            t0 = time.perf_counter(); subprocess.run([py, '-c', code], check=True); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            subprocess.run([py, '-c', code], check=True)
+            times.append(time.perf_counter() - t0)
         version = subprocess.run([py, '-c', f"import importlib.metadata as m; print(m.version({packages[0]!r}))"],
                                  capture_output=True, text=True, check=True).stdout.strip()
         return {'version': version, 'mb': round(mb), 'import_s': round(min(times), 2)}
@@ -39,6 +41,6 @@ if __name__ == '__main__':
          notes=[f"What a drift report needs imported: {'; '.join(f'{k}: `{v[1]}`' for k, v in CANDIDATES.items())}.",
                 "digit-monitor uses scipy (chisquare, ks_2samp) and ten lines for the population stability index: "
                 f"{res['evidently']['mb'] - res['scipy']['mb']} MB and "
-                f"{res['evidently']['import_s'] - res['scipy']['import_s']:.1f} s of import less per run than Evidently,"
-                " for five numbers."],
+                f"{res['evidently']['import_s'] - res['scipy']['import_s']:.1f} s of import less per run than "
+                "Evidently, for five numbers."],
          figures={k: r for k, r in res.items()})
