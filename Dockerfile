@@ -3,22 +3,32 @@
 #   docker run --rm -v "$PWD/data:/app/data" -v "$PWD/runs:/app/runs" digit-recognition                  # the pipeline
 #   docker run --rm -v "$PWD/photos:/images:ro" -v "$PWD/runs:/app/runs" digit-recognition digit-predict /images
 #   docker run -d -p 8000:8000 -v "$PWD/runs:/app/runs" digit-recognition digit-serve   # the champion on :8000
-# Volumes: /app/data (raw MNIST), /app/dataset_cleaned, /app/training_results, /app/runs (the MLflow store).
+# Volumes: /app/data (raw MNIST), /app/dataset_cleaned, /app/training_results, /app/runs (the MLflow store),
+# /app/feedback (corrections). Host folders mounted there (docker creates missing ones as root) are given to the
+# runtime user `digits` (uid 1000) by the entrypoint, which then drops root (setpriv, as the postgres image's gosu);
+# `docker run --user UID:GID` runs as that user instead, with folders it can write.
+# Build arguments: BASE_IMAGE (a Python 3.11 image with pip and venv), TORCH_INDEX (where torch and torchvision come
+# from; empty: the default package index, as pip is configured, e.g. PIP_INDEX_URL / PIP_FIND_LINKS).
+#   docker build --build-arg TORCH_INDEX= --build-arg BASE_IMAGE=my-python:3.11 -t digit-recognition .
+ARG BASE_IMAGE=python:3.11-slim
 
 # --- build: install the package and its dependencies into a virtual environment -------------------------------
-FROM python:3.11-slim AS build
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # PyTorch's CPU wheels keep the image small (the default wheels bundle CUDA); the same step as `make setup TORCH_INDEX=...`.
-RUN python -m pip install --quiet torch torchvision --index-url https://download.pytorch.org/whl/cpu
+RUN python -m pip install --quiet torch torchvision ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 COPY pyproject.toml README.md settings.ini constraints.txt ./
 COPY digit_recognition/ digit_recognition/
 RUN python -m pip install --quiet -c constraints.txt '.[train,serve]'
 
 # --- runtime: the virtual environment (the package carries the notebooks papermill runs) and a non-root user ----
-FROM python:3.11-slim AS runtime
+FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg \
     MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db \
     DIGIT_SERVE_HOST=0.0.0.0
@@ -27,9 +37,11 @@ WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=digits:digits settings.ini ./
 COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/digit-entrypoint
-RUN mkdir -p data dataset_cleaned training_results runs && chown -R digits:digits /app
-USER digits
-VOLUME ["/app/data", "/app/dataset_cleaned", "/app/training_results", "/app/runs"]
+# The folders are the user's, and writable by any uid (`--user`) in an image of its own.
+RUN mkdir -p data dataset_cleaned training_results runs feedback && chown -R digits:digits /app \
+    && chmod 0777 data dataset_cleaned training_results runs feedback
+# No USER: the entrypoint starts as root only to give mounted folders to `digits`, then runs every command as it.
+VOLUME ["/app/data", "/app/dataset_cleaned", "/app/training_results", "/app/runs", "/app/feedback"]
 # digit-serve listens on 0.0.0.0:8000 in the container (DIGIT_SERVE_HOST above; publish it with -p HOST_PORT:8000).
 EXPOSE 8000
 # A HEALTHCHECK applies to every container of the image, and most of them (the pipeline, digit-predict) run no server:

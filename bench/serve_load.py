@@ -4,7 +4,9 @@ comparison) `mlflow models serve` answering the same images as tensors.
 Each scenario starts its server as a subprocess on a free port, waits until it is ready, then N clients (--clients,
 default 8) send requests back to back on persistent keep-alive connections for a bounded time (--seconds, after
 --warmup seconds not counted), and the server is stopped:
-  digit-serve                  POST /predict, one PNG photo in a multipart form (`file`)
+  digit-serve                  POST /predict, one PNG photo in a multipart form (`file`); every answer written to
+                               the prediction log (SQLite in a temporary folder)
+  digit-serve, no log          the same with the prediction log off (`--prediction-log ''`): the log's cost
   digit-serve, batch           POST /predict/batch, --batch PNG photos in one multipart form (`files`)
   digit-serve, workers         POST /predict, one PNG photo, `digit-serve --workers 2`
   mlflow models serve          POST /invocations, {"inputs": [28x28 array]}: the same photo as the client sends it
@@ -14,12 +16,13 @@ blurred; 136 to 160 pixels square) and encoded as PNG; the tensors are the same 
 (28x28 in 0..1), as `digit-predict --server` posts them. All requests are built in memory before the clock starts.
 An error is a failed connection, an answer other than 200, or a 200 without an answer for each image (a digit or the
 reason for none; for MLflow, ten probabilities). Targets (digit-serve, single images, one worker, on a 2-core
-machine): at least 300 requests/s, p99 latency under 50 ms, no errors.
+machine): at least 300 requests/s, p99 latency under 50 ms, no errors; the prediction log costs at most 10% of the
+requests/s (serve against serve-nolog).
 
     python bench/serve_load.py                          # the champion, 8 clients, 20 s per scenario
     python bench/serve_load.py --model <run id> --clients 16 --seconds 60
-    python bench/serve_load.py --parts serve,mlflow     # some of: serve, serve-batch, serve-workers, mlflow,
-                                                        # mlflow-batch
+    python bench/serve_load.py --parts serve,mlflow     # some of: serve, serve-nolog, serve-batch, serve-workers,
+                                                        # mlflow, mlflow-batch
     python bench/serve_load.py --quick                  # smoke run: 3 s per scenario
 
 The load generator is one asyncio process that writes HTTP/1.1 by hand (pre-built requests, Content-Length answers)
@@ -39,7 +42,8 @@ from results import save, table
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGET_RPS, TARGET_P99_MS = 300, 50
-PARTS = ('serve', 'serve-batch', 'serve-workers', 'mlflow', 'mlflow-batch')
+PARTS = ('serve', 'serve-nolog', 'serve-batch', 'serve-workers', 'mlflow', 'mlflow-batch')
+MAX_LOG_COST = 0.10
 BOUNDARY = b'digit-bench-7d1f0c9a4e2b4f6a8c3d5e7f9a1b3c5d'
 
 
@@ -225,9 +229,11 @@ def scenario(part:str, a, model:str, mlflow_model:str, env:dict, d:Path, data:tu
         server, ready = 'mlflow models serve', '/ping'
     else:
         workers = a.workers if part == 'serve-workers' else 1
+        log = '' if part == 'serve-nolog' else str(d/f"{part}-predictions.db")
         cmd = [str(BIN/'digit-serve'), '--model', model, '--host', '127.0.0.1', '--port', str(port),
-               '--workers', str(workers), '--no-access-log']
-        server, ready = f"digit-serve{f' --workers {workers}' if workers > 1 else ''}", '/ready'
+               '--workers', str(workers), '--no-access-log', '--prediction-log', log]
+        server = f"digit-serve{f' --workers {workers}' if workers > 1 else ''}{', no log' if not log else ''}"
+        ready = '/ready'
     reqs = requests(part, batch, *data, port)
     with Server(cmd, port, ready, env, ROOT if part.startswith('serve') else d, d/f"{part}.log", server) as s:
         cpu0, own0, t0 = cpu_seconds(s.proc.pid), time.process_time(), time.perf_counter()
@@ -251,7 +257,7 @@ def scenario(part:str, a, model:str, mlflow_model:str, env:dict, d:Path, data:tu
 
 def status(r:dict) -> tuple:
     "`(target, status)` of a scenario: the targets hold for digit-serve's single images."
-    if r['part'] not in ('serve', 'serve-workers'):
+    if r['part'] not in ('serve', 'serve-workers', 'serve-nolog'):
         return ('0 errors', 'met' if r['errors'] == 0 else 'NOT met')
     miss = [w for w, ok in ((f"{r['requests_per_s']:.0f} req/s", r['requests_per_s'] >= TARGET_RPS),
                             (f"p99 {r['p99_ms']:.1f} ms", r['p99_ms'] < TARGET_P99_MS),
@@ -321,6 +327,13 @@ def main():
                 seconds=a.seconds, warmup=a.warmup, batch=a.batch, images=a.images, png_kb=round(kb, 1),
                 model=model, mlflow_model=mlflow_model,
                 targets_met=sum(row[-1] == 'met' for row in rows), targets=len(rows))
+    by = {r['part']: r for r in res}
+    if 'serve' in by and 'serve-nolog' in by:     # the prediction log's cost: requests/s lost with it on
+        cost = 1 - by['serve']['requests_per_s']/by['serve-nolog']['requests_per_s']
+        figs.update(log_cost=round(cost, 4), max_log_cost=MAX_LOG_COST)
+        verdict = 'met' if cost <= MAX_LOG_COST else 'NOT met'
+        print(f"the prediction log costs {cost:.1%} of the requests/s (target: at most {MAX_LOG_COST:.0%}): "
+              f"{verdict}")
     cpu = ', '.join(f"{r['server']} x{r['images_per_request']}: {r['client_cpu']:.0%}" for r in res)
     notes = [f"model {model}; `mlflow models serve -m {mlflow_model} --env-manager local` (its default settings, "
              "access log included) serves the same model's logged pyfunc, which runs PyTorch; digit-serve runs "
@@ -339,6 +352,10 @@ def main():
              "photos: " + ', '.join(f"{r['server']} x{r['images_per_request']}: "
                                     + (f"{r['accuracy']:.1%}" if r['accuracy'] is not None else 'n/a')
                                     for r in res) + '.']
+    if 'log_cost' in figs:
+        notes.append(f"The prediction log (SQLite, written in batches by a background thread) costs "
+                     f"{figs['log_cost']:.1%} of digit-serve's requests/s (with it: {by['serve']['requests_per_s']:.1f}"
+                     f", without: {by['serve-nolog']['requests_per_s']:.1f}); target: at most {MAX_LOG_COST:.0%}.")
     notes.append(stack())
     if a.quick: notes.append("A --quick smoke run (3 s per scenario): not a measurement.")
     save('serve_load-quick' if a.quick else 'serve_load', rows, cols, notes, figs)

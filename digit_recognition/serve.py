@@ -375,6 +375,7 @@ class Recorder:
             except DigitError as e: log.error("%s; answers go on without it", e)
 
     def start(self):
+        "Start the log's background writer."
         if self.log: self.log.start()
 
     def close(self):
@@ -405,7 +406,8 @@ def correct(self:Recorder, c:Correction) -> dict:
     try: row, new = self.log.correct(c.prediction_id, digit)
     except KeyError: raise problem(404, f"prediction_id: {c.prediction_id} is not in the prediction log") from None
     except ValueError as e: raise problem(409, f"prediction_id: {e}") from None
-    except Exception as e: raise problem(503, f"feedback: the prediction log cannot be read ({first_line(e)})") from None
+    except Exception as e:
+        raise problem(503, f"feedback: the prediction log cannot be read ({first_line(e)})") from None
     try: saved = self.store.save(row, digit) is not None
     except OSError as e: log.error("feedback: cannot keep the image (%s)", first_line(e)); saved = False
     if new: self.metrics.corrections.labels('not sure' if row['digit'] is None else str(row['digit']),
@@ -544,7 +546,7 @@ def app_factory() -> FastAPI:
     return create_app(settings=Settings())
 
 # %% ../nbs/08_serve.ipynb #df2f5863
-SERVE_FLAGS = ('model', 'host', 'port', 'workers', 'reload_seconds', 'access_log')
+SERVE_FLAGS = ('model', 'host', 'port', 'workers', 'reload_seconds', 'access_log', 'prediction_log')
 
 @cli(settings={'serve': SERVE_FLAGS})
 def digit_serve(model:str=None,        # a models:/ URI, run id, runs:/ URI, run folder, checkpoint or .onnx file
@@ -553,13 +555,15 @@ def digit_serve(model:str=None,        # a models:/ URI, run id, runs:/ URI, run
                 workers:int=None,      # server processes
                 reload_seconds:Annotated[float, {'metavar': 'S'}]=None,  # how often to look at the alias; 0: never
                 access_log:bool=None,  # log every request
+                prediction_log:Annotated[str, {'metavar': 'URL'}]=None,  # a file or SQLAlchemy URL; '': none
                ):
     """Serve the model over HTTP: a drawing pad at /, the API at /predict and /predict/batch (image files or JSON),
-    /health, /ready, /model, and its documentation at /docs. A registry alias (the default: the champion) is
+    /feedback (a person's correction), /metrics (Prometheus), /health, /ready, /model, and its documentation at
+    /docs. Every answer is written to the prediction log. A registry alias (the default: the champion) is
     followed: when it moves to a new version, the server answers with that version without a restart. Defaults come
     from [serve] in settings.ini. Serves until Ctrl-C (exit 0) or SIGTERM (status 143); 1: no model."""
     given = dict(model=model, host=host, port=port, workers=workers, reload_seconds=reload_seconds,
-                 access_log=access_log)
+                 access_log=access_log, prediction_log=prediction_log)
     for flag, v in (('--port', port), ('--workers', workers), ('--reload-seconds', reload_seconds)):
         if v is not None and v < (0 if flag == '--reload-seconds' else 1):
             raise DigitError(f"{flag}: expected a positive number, got {v}")

@@ -1,6 +1,31 @@
 #!/bin/sh
 # The image's entrypoint: run one of the project's commands (default: digit-pipeline).
 set -e
+FOLDERS="/app/data /app/dataset_cleaned /app/training_results /app/runs /app/feedback"
+RUNTIME_USER=digits
+
+run() {
+  # Run "$@" as the runtime user. Started as root (the default), first give it the folders mounted from the host
+  # (docker makes a missing host folder as root; what is already the user's is not touched; a read-only mount is left
+  # as it is), then drop root for good with setpriv, as the postgres image does with gosu. Started as another user
+  # (`docker run --user UID:GID`), check that it can write the folders: one line naming any it cannot.
+  if [ "$(id -u)" = 0 ] && id "$RUNTIME_USER" >/dev/null 2>&1; then
+    for d in $FOLDERS; do
+      [ -d "$d" ] && find "$d" \! -user "$RUNTIME_USER" -exec chown "$RUNTIME_USER:$RUNTIME_USER" '{}' + 2>/dev/null || true
+    done
+    export HOME="/home/$RUNTIME_USER" USER="$RUNTIME_USER"
+    exec setpriv --reuid="$RUNTIME_USER" --regid="$RUNTIME_USER" --init-groups -- "$@"
+  fi
+  for d in $FOLDERS; do
+    if [ -d "$d" ] && ! [ -w "$d" ]; then
+      echo "error: $d is not writable by uid $(id -u) (mount a folder that user owns, or run without --user:" \
+           "the entrypoint then gives the mounted folders to uid 1000)" >&2
+      exit 1
+    fi
+  done
+  [ -w "${HOME:-/}" ] || export HOME=/tmp        # an arbitrary uid has no home: caches go to /tmp
+  exec "$@"
+}
 case "${1:-}" in
   ""|-h|--help|help)
     echo "usage: docker run IMAGE COMMAND [ARGS...]"
@@ -26,7 +51,7 @@ try: urllib.request.urlopen(url, timeout=4).read()
 except Exception as e: sys.exit(f"healthcheck: {url}: {e}")
 EOF
     ;;
-  digit-*|mlflow|python|papermill) exec "$@" ;;
+  digit-*|mlflow|python|papermill) run "$@" ;;
   *) echo "error: unknown command '$1' (expected digit-pipeline, digit-data, digit-train, digit-sweep," \
           "digit-evaluate, digit-predict, digit-serve, mlflow or python)" >&2; exit 2 ;;
 esac

@@ -43,12 +43,14 @@ def server(checkpoint_dir, tmp_path_factory):
     version, rid = register(uri, checkpoint_dir/'model.onnx', 0.97)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(('DIGIT_', 'MLFLOW_'))}
-    env.update(MLFLOW_TRACKING_URI=uri, DIGIT_PATHS_RESULTS_DIR=str(d/'results'), DIGIT_SERVE_MAX_BYTES='300000')
+    env.update(MLFLOW_TRACKING_URI=uri, DIGIT_PATHS_RESULTS_DIR=str(d/'results'), DIGIT_SERVE_MAX_BYTES='300000',
+               DIGIT_SERVE_PREDICTION_LOG=str(d/'predictions.db'), DIGIT_PATHS_FEEDBACK_DIR=str(d/'feedback'))
     log = d/'server.log'
     proc = subprocess.Popen([str(BIN/'digit-serve'), '--port', str(port), '--reload-seconds', '1', '--no-access-log'],
                             cwd=ROOT, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
     s = Served()
     s.url, s.uri, s.log, s.model_dir, s.first = f"http://127.0.0.1:{port}", uri, log, checkpoint_dir, (version, rid)
+    s.dir = d
     wait_for_http(f"{s.url}/ready", proc, log, seconds=120)
     yield s
     proc.terminate()
@@ -320,6 +322,23 @@ def test_the_pad_reads_drawings_and_refuses_non_digits(page):
         assert answer == '?' and reason.startswith('not sure: low confidence'), (name, answer, reason)
     out = ROOT/'test-reports'; out.mkdir(exist_ok=True)
     page.screenshot(path=str(out/'serve-page-not-sure.png'), full_page=True)
+
+
+def test_the_pad_takes_a_correction(page, server):
+    "Draw a 1, say it was a 7 with the pad's button: kept in the log and the feedback folder, counted in /metrics."
+    assert draw(page, [[(0.5, 0.15), (0.5, 0.85)]])[0] == '1'
+    page.wait_for_selector('#fix:not([hidden])')
+    page.click('#digits button[data-fix="7"]')
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Thanks')")
+    assert page.locator('#status').text_content() == 'Thanks: kept as 7' and page.locator('#fix').is_hidden()
+    (png,) = (server.dir/'feedback'/'7').glob('*.png')
+    assert Image.open(png).size == (28, 28)
+    with urllib.request.urlopen(f"{server.url}/metrics") as r: m = r.read().decode()
+    assert 'digit_corrections_total{answered="1",corrected="7"} 1.0' in m, m
+    import sqlalchemy as sa
+    with sa.create_engine(f"sqlite:///{server.dir/'predictions.db'}").connect() as c:
+        n, fixed = c.execute(sa.text("select count(*), sum(corrected = 7) from predictions")).one()
+    assert n >= 1 and fixed == 1
 
 
 def test_the_servers_threshold_is_the_models(server, digits):
