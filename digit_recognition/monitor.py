@@ -29,6 +29,8 @@ def read_window(url:str,            # the prediction log (`predictions.log_url`)
                ) -> dict:           # arrays: `digit` (-1: not sure), `confidence`, `ink`, `corrected`, `latency_ms`
     "The answers of the prediction log in the window, as arrays, and `versions`: how many each model version gave."
     until = until or time.time()
+    if url.startswith('sqlite:///') and not Path(url.removeprefix('sqlite:///')).is_file():  # a typo: no new log
+        raise DigitError(f"prediction log {url.removeprefix('sqlite:///')}: not found (digit-serve writes it)")
     t, engine = PREDICTIONS.c, open_log(url)
     try:
         with engine.connect() as c:
