@@ -21,9 +21,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# PyTorch's CPU wheels keep the image small (the default wheels bundle CUDA); the same step as `make setup TORCH_INDEX=...`.
-RUN python -m pip install --quiet torch torchvision ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
-COPY pyproject.toml README.md settings.ini constraints.txt ./
+# PyTorch's CPU wheels keep the image small (the default wheels bundle CUDA); the same step as `make setup TORCH_INDEX=...`,
+# at the versions the tests passed on (constraints.txt), in a layer of its own that later builds reuse.
+COPY constraints.txt ./
+RUN python -m pip install --quiet -c constraints.txt torch torchvision ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
+COPY pyproject.toml README.md settings.ini ./
 COPY digit_recognition/ digit_recognition/
 RUN python -m pip install --quiet -c constraints.txt '.[train,serve]'
 

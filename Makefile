@@ -23,7 +23,7 @@ setup: $(BIN)/.installed  ## create .venv and install the package (editable) wit
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	for c in export clean test readme; do ln -sf nbdev-$$c $(BIN)/nbdev_$$c; done  # nbdev 2 names, still in guides and hooks
 	touch $@

@@ -47,7 +47,8 @@ def test_dockerfile():
     # The install steps are make setup's, with PyTorch's CPU index.
     runs = [i.value[0] for i in ins if i.cmd == 'RUN']
     make = (ROOT/'Makefile').read_text()
-    torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet torch torchvision --index-url) \$\(TORCH_INDEX\)',
+    torch_line = re.search(r'\$\(BIN\)/(python -m pip install --quiet -c constraints.txt torch torchvision '
+                           r'--index-url) \$\(TORCH_INDEX\)',
                            make).group(1)
     assert f'{torch_line.removesuffix(" --index-url")} ${{TORCH_INDEX:+--index-url "$TORCH_INDEX"}}' in runs
     assert "python -m pip install --quiet -c constraints.txt '.[train,serve]'" in runs
@@ -123,7 +124,9 @@ def test_workflows_pass_actionlint():
     d = (wf/'docker-build.yml').read_text()
     assert 'setup-buildx-action' in d and '${{ github.sha }}' in d and ':latest' in d
     assert 'secrets.REGISTRY_PASSWORD' in d
-    assert 'digit-serve --help' in d and '}}" healthcheck' in d
+    # the smoke test of tests/test_docker.py runs before anything is pushed: tiny pipeline, digit-serve healthy
+    smoke, push = d.index('digit-pipeline --epochs 1'), d.index('push: true')
+    assert smoke < d.index("State.Health.Status}}' serve)\" = healthy") < push and 'load: true' in d
     assert "github.ref == 'refs/heads/main'" in d and 'pull_request' in d
     docs = (wf/'docs.yml').read_text()
     assert 'quarto-dev/quarto-actions/setup' in docs and 'nbdev-docs' in docs and 'deploy-pages' in docs

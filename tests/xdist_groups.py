@@ -27,13 +27,15 @@ GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_record
           'digit-serve': ('tests/test_serve.py::',),                                   # one digit-serve
           'served-model': ('tests/test_client.py::test_predict_through_a_served_model',  # served
                            'tests/test_client.py::test_served_model_checks_its_input'),
-          'postgres': ('tests/test_team.py::test_two_workers_and_a_killed_one',)}     # PostgreSQL, its MLflow server
+          'postgres': ('tests/test_team.py::test_two_workers_and_a_killed_one',),     # PostgreSQL, its MLflow server
+          'docker': ('tests/test_docker.py::',)}                          # one image, one engine
 
 SERVER_RUN_GROUP = 'mlflow-server-a'
 
 # The units that take longest (wall time under `make test`), longest first: they start first, so that none of them
 # is left running alone at the end. After them come the other tests marked slow, then the rest.
-LONGEST = ('mlflow-server-b', 'mlflow-server-a', 'postgres', 'tests/test_deployment.py::test_deployment_commands',
+LONGEST = ('docker', 'mlflow-server-b', 'mlflow-server-a', 'postgres',
+           'tests/test_deployment.py::test_deployment_commands',
            'tests/test_ddp.py::test_killed_worker_ends_the_run_and_resume_finishes_it',
            'evaluation-local', 'tests/test_evaluation.py::test_pipeline_reuses_current_stages', 'wheel', 'model-store',
            'tests/test_client.py::test_each_kind_of_file')

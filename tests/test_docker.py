@@ -1,0 +1,209 @@
+"""The Docker image, built and run for real (issue 24): the Dockerfile builds (on the CPU torch index where it is
+reachable, else on the default index with torch's wheels downloaded once into a folder that later builds reuse);
+`digit-pipeline` runs in it on bind-mounted host folders that docker creates as root, MNIST mounted read-only and
+no network, and gets the host's dataset version; `digit-predict` reads a mounted folder; `digit-serve` answers
+/health and a prediction and docker reports the container healthy; the commands run as uid 1000, not root; a folder
+the chosen user cannot write is one line.
+
+The engine: the one the docker CLI reaches; else, as root where Debian's `dockerd` is installed, one started for
+this module (its images and layers kept in /var/tmp/digit-docker between runs, so later builds are cached) and
+stopped at the end. The base image: `python:3.11-slim` when the engine has it, else one made from Debian's packages
+by docker/debian-base.sh (debootstrap; built once, kept). Skipped, with the reason, where none of this is possible."""
+import http.server, json, os, shutil, signal, subprocess, threading, time, urllib.request
+from functools import partial
+from pathlib import Path
+import pytest
+from PIL import Image
+from helpers import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data, wheels: kept
+IMAGE = 'digit-recognition:test'
+TINY = ['--epochs', '1', '--max-train-samples', '3000', '--min-accuracy', '0.5']
+
+
+def docker_cli() -> str|None:
+    "Debian's docker CLI (it builds with BuildKit without the buildx plugin), else the one on PATH."
+    return '/usr/bin/docker' if os.access('/usr/bin/docker', os.X_OK) else shutil.which('docker')
+
+
+class Engine:
+    "The docker CLI `cli` talking to an engine (`env` names its socket); `run` a docker command, return its result."
+    def __init__(self, cli, env): self.cli, self.env = cli, env
+    def __call__(self, *args, timeout=600, check=True, **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run([self.cli, *map(str, args)], env=self.env, capture_output=True, text=True,
+                           timeout=timeout, **kw)
+        cmd = ' '.join(map(str, args))[:200]
+        if check: assert r.returncode == 0, f"docker {cmd}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+    def answers(self) -> bool:
+        try: return self('info', check=False, timeout=20).returncode == 0
+        except subprocess.TimeoutExpired: return False
+
+
+@pytest.fixture(scope='module')
+def engine():
+    "An engine to build and run on (see the module's docstring)."
+    cli = docker_cli()
+    if cli is None: pytest.skip("no docker CLI (Debian: apt-get install docker.io)")
+    env = {**os.environ, 'DOCKER_BUILDKIT': '1'}
+    e = Engine(cli, env)
+    if e.answers():
+        yield e; return
+    dockerd = shutil.which('dockerd') or ('/usr/sbin/dockerd' if os.path.exists('/usr/sbin/dockerd') else None)
+    if dockerd is None or os.geteuid() != 0:
+        pytest.skip("no Docker engine answers and none can be started here (it needs root and Debian's docker.io)")
+    sock = CACHE/'docker.sock'
+    for d in ('engine', 'exec'): (CACHE/d).mkdir(parents=True, exist_ok=True)
+    log = open(CACHE/'dockerd.log', 'w')
+    proc = subprocess.Popen([dockerd, '--data-root', CACHE/'engine', '--exec-root', CACHE/'exec',
+                             '--pidfile', CACHE/'dockerd.pid', '-H', f"unix://{sock}", '--iptables=false',
+                             '--ip6tables=false', '--bridge=none'], stdout=log, stderr=subprocess.STDOUT)
+    e.env['DOCKER_HOST'] = f"unix://{sock}"
+    for _ in range(60):
+        if proc.poll() is not None or e.answers(): break
+        time.sleep(1)
+    if proc.poll() is not None or not e.answers():
+        proc.kill()
+        pytest.skip(f"dockerd did not start: {(CACHE/'dockerd.log').read_text()[-300:]}")
+    yield e
+    proc.send_signal(signal.SIGTERM)
+    try: proc.wait(60)
+    except subprocess.TimeoutExpired: proc.kill()
+
+
+def debian_mirror() -> str:
+    "The Debian mirror this machine's apt uses (its sources), else Debian's own."
+    import re
+    for f in [Path('/etc/apt/sources.list'), *Path('/etc/apt/sources.list.d').glob('*')]:
+        try: m = re.search(r'(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(\S+/debian)/?\s', f.read_text(), re.M)
+        except OSError: continue
+        if m: return m.group(1)
+    return 'http://deb.debian.org/debian'
+
+
+@pytest.fixture(scope='module')
+def base_image(engine):
+    "A Python 3.11 base image: python:3.11-slim if the engine has it, else Debian's, made once by debian-base.sh."
+    for name in ('python:3.11-slim', 'digit-base:bookworm'):
+        if engine('image', 'inspect', name, check=False).returncode == 0: return name
+    if not shutil.which('debootstrap') or os.geteuid() != 0:
+        pytest.skip("no python:3.11-slim image and no registry here; making one needs root and debootstrap "
+                    "(apt-get install debootstrap)")
+    r = subprocess.run([ROOT/'docker/debian-base.sh', 'digit-base:bookworm', debian_mirror()], env=engine.env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return 'digit-base:bookworm'
+
+
+def reachable(url) -> bool:
+    try: urllib.request.urlopen(url, timeout=5).close(); return True
+    except Exception: return False
+
+
+@pytest.fixture(scope='module')
+def torch_source():
+    """Build arguments for torch: the CPU index where it is reachable; else the default index, with torch's wheels
+    (at constraints.txt's versions) downloaded once into a folder served to the build over HTTP (PIP_FIND_LINKS)."""
+    if reachable('https://download.pytorch.org/whl/cpu/'): yield []; return
+    wheels = CACHE/'wheels'; wheels.mkdir(parents=True, exist_ok=True)
+    pins = [l.strip() for l in (ROOT/'constraints.txt').read_text().splitlines()
+            if l.startswith(('torch==', 'torchvision=='))]
+    r = subprocess.run([ROOT/'.venv/bin/python', '-m', 'pip', 'download', '--quiet', '-d', wheels, *pins,
+                        '-c', ROOT/'constraints.txt'], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(wheels))
+    handler.log_message = lambda *a: None
+    try: srv = http.server.ThreadingHTTPServer(('127.0.0.1', 48765), handler)   # one URL: the layer stays cached
+    except OSError: srv = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield ['--build-arg', 'TORCH_INDEX=', '--build-arg', f"PIP_FIND_LINKS=http://127.0.0.1:{srv.server_port}/"]
+    srv.shutdown()
+
+
+@pytest.fixture(scope='module')
+def image(engine, base_image, torch_source):
+    "The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder)."
+    engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
+           ROOT, timeout=1800)
+    return IMAGE
+
+
+@pytest.fixture(scope='module')
+def project(engine, image, mnist_dir, data_ready, tmp_path_factory):
+    "A project's folders on the host, the tiny pipeline run in the container on them; the folder and its output."
+    d = tmp_path_factory.mktemp('docker-project')          # data/, runs/, ... do not exist: docker makes them
+    mounts = [f"-v{d/h}:/app/{c}" for h, c in (('data', 'data'), ('dataset', 'dataset_cleaned'), ('runs', 'runs'),
+                                                  ('results', 'training_results'))]
+    r = engine('run', '--rm', '--network', 'none', *mounts, '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist',
+               image, 'digit-pipeline', *TINY, timeout=900)
+    return d, mounts, r.stdout + r.stderr
+
+
+def mnist_digits(n) -> tuple:
+    "`n` MNIST test digits (28 x 28 uint8, white ink on black) and their labels, from the host's dataset."
+    from digit_recognition.data import load_cleaned
+    x, y = load_cleaned(splits=('test',)).test
+    return x[:n, 0].numpy(), y[:n].tolist()
+
+
+def test_pipeline_on_bind_mounts(project):
+    "The documented `docker run -v ...` works as written: the folders docker made are uid 1000's, the data the host's."
+    d, _, out = project
+    assert 'Traceback' not in out and 'champion' in out, out[-2000:]
+    for h in ('data', 'dataset', 'runs', 'results'): assert (d/h).stat().st_uid == 1000, h
+    assert any((d/'runs').iterdir())                                         # the MLflow store, on the host
+    inside = json.loads((d/'dataset'/'manifest.json').read_text())['version']
+    here = json.loads((ROOT/'dataset_cleaned'/'manifest.json').read_text())['version']
+    assert inside == here                                       # same data, same version, whatever Python wrote it
+
+
+def test_predict_on_a_mounted_folder(engine, image, project, tmp_path):
+    "digit-predict reads a folder of images mounted read-only, with the champion the pipeline registered."
+    d, mounts, _ = project
+    x, y = mnist_digits(6)
+    for i, a in enumerate(x): Image.fromarray(255 - a).resize((112, 112)).save(tmp_path/f"d{i}-{y[i]}.png")
+    tmp_path.chmod(0o755)                                      # pytest's folders are its owner's alone
+    r = engine('run', '--rm', '--network', 'none', *mounts, '-v', f"{tmp_path}:/images:ro", image,
+               'digit-predict', '/images', '--format', 'json')
+    got = json.loads(r.stdout)
+    assert len(got) == 6
+    assert sum(g['digit'] == int(Path(g['source']).stem.split('-')[1]) for g in got) >= 4, got
+
+
+def test_serve_is_healthy_and_not_root(engine, image, project):
+    "digit-serve in the container: /health and a prediction from the host, docker says healthy, uid 1000."
+    d, mounts, _ = project
+    port, name = free_port(), f"digit-serve-test-{os.getpid()}"
+    engine('run', '-d', '--name', name, '--network', 'host', '--health-interval', '2s', '--health-start-period',
+           '60s', *mounts, image, 'digit-serve', '--port', port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            if reachable(f"{url}/ready"): break
+            time.sleep(1)
+        else: pytest.fail(engine('logs', name, check=False).stderr[-2000:])
+        x, y = mnist_digits(1)
+        body = json.dumps({'pixels': x[0].tolist()}).encode()
+        req = urllib.request.Request(f"{url}/predict", body, {'Content-Type': 'application/json'})
+        a = json.loads(urllib.request.urlopen(req, timeout=30).read())
+        assert a['digit'] == y[0] and a['model']['name'], a
+        for _ in range(60):
+            health = engine('inspect', '--format', '{{.State.Health.Status}}', name).stdout.strip()
+            if health != 'starting': break
+            time.sleep(1)
+        assert health == 'healthy'
+        pid = engine('inspect', '--format', '{{.State.Pid}}', name).stdout.strip()    # the server, seen from here
+        uid = next(l.split()[1] for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith('Uid:'))
+        assert uid == '1000'
+    finally: engine('rm', '-f', name, check=False)
+
+
+def test_an_unwritable_folder_is_one_line(engine, image, tmp_path):
+    "`docker run --user` with a mounted folder that user cannot write: one line naming it, no traceback."
+    (tmp_path/'runs').mkdir(mode=0o755)
+    r = engine('run', '--rm', '--network', 'none', '--user', '1234:1234', '-v', f"{tmp_path/'runs'}:/app/runs", image,
+               'digit-pipeline', check=False)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and '/app/runs is not writable by uid 1234' in lines[0], r.stderr
