@@ -1,7 +1,7 @@
 """Plain helpers of the tests (no fixtures: those are in conftest.py): where the project and its commands are, running
 a console script, waiting for a server, free ports, the environment that points a command at a tracking server, and
 the one way the suite starts an MLflow server with login (on SQLite or on PostgreSQL)."""
-import os, subprocess, sys
+import os, shutil, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -144,3 +144,11 @@ def train_checkpoint(d):
     x = load_cleaned(splits=('test',)).test[0]
     np.save(d/'images.npy', x[:64].squeeze(1).numpy())
     Image.fromarray(x[0, 0].numpy()).save(d/'digit.png')
+
+
+def compose_command() -> list|None:
+    "Docker Compose: the docker CLI's plugin (`docker compose`), else Debian's docker-compose (1.29); None if neither."
+    docker = shutil.which('docker')
+    if docker and subprocess.run([docker, 'compose', 'version'], capture_output=True).returncode == 0:
+        return [docker, 'compose']
+    return [shutil.which('docker-compose')] if shutil.which('docker-compose') else None

@@ -9,7 +9,7 @@ The engine: the one the docker CLI reaches; else, as root where Debian's `docker
 this module (its images and layers kept in /var/tmp/digit-docker between runs, so later builds are cached) and
 stopped at the end. The base image: `python:3.11-slim` when the engine has it, else one made from Debian's packages
 by docker/debian-base.sh (debootstrap; built once, kept). Skipped, with the reason, where none of this is possible."""
-import http.server, json, os, shutil, signal, subprocess, threading, time, urllib.request
+import http.server, json, os, re, shutil, signal, subprocess, threading, time, urllib.request
 from functools import partial
 from pathlib import Path
 import pytest
@@ -74,7 +74,6 @@ def engine():
 
 def debian_mirror() -> str:
     "The Debian mirror this machine's apt uses (its sources), else Debian's own."
-    import re
     for f in [Path('/etc/apt/sources.list'), *Path('/etc/apt/sources.list.d').glob('*')]:
         try: m = re.search(r'(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(\S+/debian)/?\s', f.read_text(), re.M)
         except OSError: continue
@@ -196,7 +195,7 @@ def test_serve_is_healthy_and_not_root(engine, image, project):
         pid = engine('inspect', '--format', '{{.State.Pid}}', name).stdout.strip()    # the server, seen from here
         uid = next(l.split()[1] for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith('Uid:'))
         assert uid == '1000'
-    finally: engine('rm', '-f', name, check=False)
+    finally: engine('rm', '-fv', name, check=False)
 
 
 def test_an_unwritable_folder_is_one_line(engine, image, tmp_path):
@@ -207,3 +206,60 @@ def test_an_unwritable_folder_is_one_line(engine, image, tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and '/app/runs is not writable by uid 1234' in lines[0], r.stderr
+
+
+def test_the_team_stack(engine, image, base_image, mnist_dir, tmp_path):
+    """deploy/compose.yaml brought up: PostgreSQL (the official image if the engine has it, else deploy/postgres.
+    Dockerfile's, from Debian), the MLflow server with login, and two digit-tune workers sharing one tiny study; then
+    `down -v` leaves nothing behind. Docker Compose: the CLI's plugin or Debian's docker-compose 1.29."""
+    import base64, secrets
+    from helpers import compose_command
+    compose = compose_command()
+    if compose is None: pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install "
+                                    "docker-compose)")
+    pg = 'postgres:17'
+    if engine('image', 'inspect', pg, check=False).returncode != 0:
+        pg = 'digit-postgres:test'
+        engine('build', '--network', 'host', '-f', ROOT/'deploy/postgres.Dockerfile', '--build-arg',
+               f"BASE_IMAGE={base_image}", '-t', pg, ROOT, timeout=900)
+    engine('build', '--network', 'host', '-f', ROOT/'deploy/mlflow.Dockerfile', '--build-arg',
+           f"BASE_IMAGE={base_image}", '-t', 'digit-mlflow-server:test', ROOT, timeout=900)
+    password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
+    env_file = tmp_path/'env'
+    env_file.write_text(f"COMPOSE_PROJECT_NAME={project}\nPOSTGRES_PASSWORD={secrets.token_urlsafe(16)}\n"
+                        f"MLFLOW_ADMIN_PASSWORD={password}\nMLFLOW_SECRET_KEY={secrets.token_urlsafe(16)}\n"
+                        f"MLFLOW_TRACKING_PASSWORD={password}\nPOSTGRES_IMAGE={pg}\n"
+                        f"MLFLOW_IMAGE=digit-mlflow-server:test\nDIGIT_IMAGE={image}\nSTUDY=team\nTRIALS=2\n"
+                        f"POSTGRES_PORT={free_port()}\nMLFLOW_PORT={port}\n"
+                        f"MLFLOW_ALLOWED_HOSTS=mlflow:5000,127.0.0.1:{port}\n")     # the host names it answers to
+    def c(*args, timeout=600):
+        r = subprocess.run([*compose, '-f', ROOT/'deploy/compose.yaml', '--env-file', env_file, *map(str, args)],
+                           env=engine.env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, f"compose {' '.join(map(str, args))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+    try:
+        c('up', '-d', 'mlflow')                                      # after PostgreSQL is healthy
+        for _ in range(180):                                         # the published port, from this host
+            if reachable(f"http://127.0.0.1:{port}/health"): break
+            time.sleep(1)
+        else: pytest.fail(c('logs', '--tail', '40'))
+        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', 'tune', 'digit-data')
+        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000']
+        workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
+        codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
+        logs = [engine('logs', w, check=False) for w in workers]
+        assert codes == ['0', '0'], [l.stdout[-2000:] + l.stderr[-2000:] for l in logs]
+        best = c('run', '--rm', 'tune', 'digit-tune', '--best', 'team', '--storage',
+                 'postgresql://digit@postgres:5432/optuna')
+        assert len(re.findall(r'\|\s*ok\s*\|', best)) >= 2, best                   # the trials' table
+        auth = base64.b64encode(f"admin:{password}".encode()).decode()     # the runs, on the MLflow server
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                     json.dumps({'max_results': 100}).encode(),
+                                     {'Authorization': f"Basic {auth}", 'Content-Type': 'application/json'})
+        names = [e['name'] for e in json.loads(urllib.request.urlopen(req, timeout=30).read())['experiments']]
+        assert len(names) >= 2, names
+    finally:
+        c('down', '-v', '--remove-orphans')
+        for w in locals().get('workers', []): engine('rm', '-fv', w, check=False)
+    left = engine('volume', 'ls', '-q', '--filter', f"label=com.docker.compose.project={project}").stdout
+    assert left.strip() == ''
