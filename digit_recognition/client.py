@@ -1,4 +1,4 @@
-"""`DigitPredictor` reads photos, scans, drawings, arrays, locally or served; `digit-predict`, the `digit-client` pad.
+"""`DigitPredictor` reads photos, scans, drawings, arrays, locally or served; `digit-predict` (the pad and the notebook widget: `pad`).
 
 Docs: https://digit-recognition.github.io/digit-recognition/client.html.md"""
 
@@ -6,18 +6,17 @@ Docs: https://digit-recognition.github.io/digit-recognition/client.html.md"""
 
 # %% auto #0
 __all__ = ['Prediction', 'ServedModel', 'OnnxModel', 'run_model', 'download_onnx', 'open_model', 'check_model', 'DigitPredictor',
-           'expand_inputs', 'format_results', 'annotate', 'send_corrections', 'digit_predict', 'DrawingPad',
-           'digit_client', 'show_prediction', 'upload_widget']
+           'expand_inputs', 'format_results', 'annotate', 'send_corrections', 'digit_predict']
 
 # %% ../nbs/07_client.ipynb #321072c2
-import csv, glob, io, json, math, os, signal, sys, time
+import csv, glob, io, json, math, os, signal, sys
 from dataclasses import dataclass, field, asdict
 from typing import Annotated
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from .config import Settings, DigitError, cli, atomic_write, first_line
-from .images import IMAGE_SUFFIXES, to_gray, to_mnist_checked, _name
+from .images import IMAGE_SUFFIXES, to_mnist_checked, input_name
 from .sources import ModelSource, model_source
 
 # %% ../nbs/07_client.ipynb #c036f22b
@@ -239,7 +238,8 @@ class DigitPredictor:
         single = not isinstance(inputs, (list, tuple)) and not (isinstance(inputs, np.ndarray) and inputs.ndim == 3
                                                                 and inputs.shape[-1] not in (3, 4))
         items = [inputs] if single else list(inputs)
-        names = names or [_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]" for i, x in enumerate(items)]
+        names = names or [input_name(x) if not isinstance(x, np.ndarray) else f"array[{i}]"
+                          for i, x in enumerate(items)]
         workers = min(os.cpu_count() or 1, 8) if len(items) >= 200 else 1
         if workers > 1 and all(isinstance(x, (str, Path)) for x in items):
             # many files: read and preprocess them on every core (forked workers share the loaded code). A Ctrl-C in a
@@ -380,142 +380,3 @@ def digit_predict(paths:Annotated[str, {'nargs': '*', 'metavar': 'PATH'}],  # im
               f"(first: {failed[0].source}: {failed[0].error})", file=sys.stderr)
         return 1
     return 0
-
-# %% ../nbs/07_client.ipynb #dac4351e
-class DrawingPad:
-    "A tkinter drawing pad that predicts as you draw (`root`: a `tk.Tk`; `predictor`: a `DigitPredictor`)."
-    SIZE, PEN = 280, 22
-    def __init__(self,
-                 root,                      # the `tk.Tk` window to build the pad in
-                 predictor:DigitPredictor,  # reads the drawing
-                 save_dir='.',              # where *Save* writes the PNGs
-                ):
-        import tkinter as tk
-        self.root, self.predictor, self.save_dir = root, predictor, Path(save_dir)
-        root.title('digit-client'); root.resizable(False, False)
-        self.canvas = tk.Canvas(root, width=self.SIZE, height=self.SIZE, bg='white', cursor='pencil',
-                                highlightthickness=1)
-        self.canvas.grid(row=0, column=0, rowspan=2, padx=8, pady=8)
-        self.bars = tk.Canvas(root, width=220, height=self.SIZE, bg='white', highlightthickness=0)
-        self.bars.grid(row=0, column=1, padx=8, pady=8)
-        self.label = tk.Label(root, text='draw a digit', font=('TkDefaultFont', 16), wraplength=240)
-        self.label.grid(row=1, column=1)
-        buttons = tk.Frame(root); buttons.grid(row=2, column=0, columnspan=2, pady=(0, 8))
-        tk.Button(buttons, text='Clear', command=self.clear).pack(side='left', padx=4)
-        tk.Button(buttons, text='Save', command=self.save).pack(side='left', padx=4)
-        self.canvas.bind('<ButtonPress-1>', self.start); self.canvas.bind('<B1-Motion>', self.draw)
-        self.canvas.bind('<ButtonRelease-1>', lambda e: self.update())
-        self.clear()
-
-    def clear(self):
-        "Start again: an empty page and no prediction."
-        self.image = Image.new('L', (self.SIZE, self.SIZE), 255); self.ink = ImageDraw.Draw(self.image)
-        self.canvas.delete('all'); self.last, self.prediction = None, None
-        self.show(None)
-
-    def start(self, e):
-        "A stroke begins where the button went down."
-        self.last = (e.x, e.y); self.draw(e)
-
-    def draw(self, e):
-        "Draw the stroke from the last point to the mouse, on the screen and in the image, and predict."
-        x0, y0 = self.last or (e.x, e.y); r = self.PEN/2
-        self.canvas.create_line(x0, y0, e.x, e.y, width=self.PEN, capstyle='round', smooth=True)
-        self.ink.line([x0, y0, e.x, e.y], fill=0, width=self.PEN)
-        self.ink.ellipse([e.x-r, e.y-r, e.x+r, e.y+r], fill=0)
-        self.last = (e.x, e.y)
-        self.update()
-
-    def update(self):
-        "Predict the drawing and show the answer and the ten probabilities."
-        p = self.predictor.predict(np.asarray(self.image), top_k=10)
-        self.prediction = p if p.ok else None
-        self.show(self.prediction)
-
-    def show(self, p):
-        "Show prediction `p` (or none): the answer or `not sure: <reason>`, the window title and the ten bars."
-        self.bars.delete('all'); h = self.SIZE/10
-        probs = dict(p.top_k) if p else {}
-        for d in range(10):
-            v = probs.get(d, 0.0); y = d*h
-            self.bars.create_text(10, y + h/2, text=str(d))
-            self.bars.create_rectangle(24, y + 4, 24 + 160*v, y + h - 4,
-                                       fill='#d62728' if p and d == p.digit else '#1f77b4', width=0)
-            self.bars.create_text(190, y + h/2, text=f"{v:.0%}" if probs else '')
-        text = ('draw a digit' if p is None else f"not sure: {p.reason}" if p.unsure
-                else f"{p.digit}  ({p.probability:.0%})")
-        self.label.config(text=text); self.root.title(f"digit-client: {text}")
-
-    def save(self) -> Path|None:
-        "Save the drawing as `digit-<prediction or unsure>-<time>.png` in the save folder."
-        if self.prediction is None: return None
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        answer = 'unsure' if self.prediction.unsure else self.prediction.digit
-        f = self.save_dir/f"digit-{answer}-{time.strftime('%Y%m%d-%H%M%S')}.png"
-        atomic_write(f, lambda out: self.image.save(out, 'PNG'))
-        self.label.config(text=f"saved {f.name}")
-        return f
-
-# %% ../nbs/07_client.ipynb #52a62b7b
-@cli
-def digit_client(model:str=None,          # a run id, URI, checkpoint, or served model URL (default: the champion)
-                 min_confidence:Annotated[float, {'metavar': 'P'}]=None,  # "not sure" below this probability, 0..1
-                 save_dir:str='drawings',  # where Save puts the PNGs
-                ):
-    """A drawing pad: draw a digit with the mouse and watch the model read it. Needs a display. Exit status 0 when
-    the window is closed, 1 on errors, 130 on Ctrl-C."""
-    try:
-        import tkinter as tk
-        root = tk.Tk()
-    except Exception as e:
-        raise DigitError(f"no display for the drawing pad ({first_line(e)}); set DISPLAY or use digit-predict")
-    try: DrawingPad(root, DigitPredictor.load(model, min_confidence=min_confidence), save_dir)
-    except DigitError: root.destroy(); raise
-    # Tk runs no Python while it waits for events, so Ctrl-C would only be seen at the next mouse move (and then
-    # as a traceback from a callback): a timer wakes Python every 0.1 s, and the handler ends the loop instead
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), root.quit()))
-    def wake(): root.after(100, wake)
-    wake(); root.mainloop()
-    if interrupted: root.destroy(); raise KeyboardInterrupt
-
-# %% ../nbs/07_client.ipynb #0178ce37
-def show_prediction(predictor:DigitPredictor,  # the model to ask
-                    image,                     # a path, PIL image or array, as `DigitPredictor.predict` takes
-                    title:str='',              # the first panel's title; default: 'input'
-                   ):
-    "A figure: the image, what the model sees (28x28), and the ten probabilities (or `not sure: <reason>`)."
-    import matplotlib.pyplot as plt
-    p = predictor.predict(image, top_k=10)
-    fig, axs = plt.subplots(1, 3, figsize=(9, 2.8), gridspec_kw={'width_ratios': [1, 1, 1.6]})
-    axs[0].imshow(to_gray(image), cmap='gray', vmin=0, vmax=255); axs[0].set_title(title or 'input')
-    seen = to_mnist_checked(image)[0] if p.ok else None
-    if seen is not None:
-        axs[1].imshow(seen, cmap='gray', vmin=0, vmax=255); axs[1].set_title('what the model sees')
-    if p.top_k:
-        probs = dict(p.top_k)
-        axs[2].bar(range(10), [probs.get(d, 0) for d in range(10)],
-                   color=['tab:red' if d == p.digit else 'tab:blue' for d in range(10)])
-        axs[2].set_xticks(range(10)); axs[2].set_ylim(0, 1)
-    answer = p.error if not p.ok else f"not sure: {p.reason}" if p.unsure else f"{p.digit} ({p.probability:.1%})"
-    axs[2].set_title(answer, fontsize=8 if not p.ok or p.unsure else None)
-    for ax in axs[:2]: ax.axis('off')
-    fig.tight_layout()
-    return fig
-
-# %% ../nbs/07_client.ipynb #5fd18b9c
-def upload_widget(predictor:DigitPredictor):
-    "An ipywidgets file upload that shows the prediction for each uploaded image."
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-    up, out = w.FileUpload(accept='image/*', multiple=True, description='Upload digits'), w.Output()
-    def on_upload(change):
-        out.clear_output()
-        with out:
-            for f in change['new']:
-                try: im = Image.open(io.BytesIO(bytes(f['content']))); im.load()
-                except Exception as e: print(f"{f['name']}: not a readable image ({type(e).__name__})"); continue
-                fig = show_prediction(predictor, im, f['name']); display(fig); plt.close(fig)
-    up.observe(on_upload, names='value')
-    return w.VBox([up, out])

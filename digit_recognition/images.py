@@ -6,9 +6,9 @@ Docs: https://digit-recognition.github.io/digit-recognition/images.html.md"""
 
 # %% auto #0
 __all__ = ['PAD_SIZE', 'PAD_PEN', 'MAX_PIXELS', 'IMAGE_SUFFIXES', 'WORK_SIZE', 'MAX_INK_SHARE', 'photograph', 'render_photo',
-           'draw_strokes', 'thin', 'render_drawing', 'BadImage', 'to_gray', 'ink_on_dark', 'remove_background',
-           'crop_to_ink', 'ink_doubt', 'fit_and_centre', 'is_mnist_form', 'to_mnist', 'to_mnist_checked',
-           'read_digit_image', 'ink_share']
+           'draw_strokes', 'thin', 'render_drawing', 'BadImage', 'input_name', 'to_gray', 'ink_on_dark',
+           'remove_background', 'crop_to_ink', 'ink_doubt', 'fit_and_centre', 'is_mnist_form', 'to_mnist',
+           'to_mnist_checked', 'read_digit_image', 'ink_share']
 
 # %% ../nbs/01_images.ipynb #18a6df1d
 import io, warnings
@@ -114,7 +114,7 @@ class BadImage(DigitError):
         super().__init__(f"{path}: {why}"); self.reason = reason
 
 # %% ../nbs/01_images.ipynb #5f229edf
-def _name(x) -> str:
+def input_name(x) -> str:
     "How an input is named in messages: its path, a PIL image's file name, or its type."
     return str(x) if isinstance(x, (str, Path)) else getattr(x, 'filename', '') or type(x).__name__
 
@@ -179,7 +179,7 @@ def _to_gray(x, name:str, notes:list) -> np.ndarray:
 
 def to_gray(x, name:str|None=None) -> np.ndarray:
     "A float32 grey image (0..255) from a path, a file's bytes, a PIL image or an array (grey, RGB or RGBA)."
-    return _to_gray(x, name or _name(x), [])
+    return _to_gray(x, name or input_name(x), [])
 
 # %% ../nbs/01_images.ipynb #13022fe0
 def _mirror(a:np.ndarray, lo:int, hi:int) -> np.ndarray:
@@ -365,13 +365,13 @@ def _to_mnist(x, name:str, doubts:list|None=None) -> tuple:
 
 def to_mnist(x, name:str|None=None) -> np.ndarray:
     "Any digit image (path, PIL image or array) as an MNIST-style 28x28 uint8: light ink on black, fitted, centred."
-    return _to_mnist(x, name or _name(x))[0]
+    return _to_mnist(x, name or input_name(x))[0]
 
 # %% ../nbs/01_images.ipynb #c5b03345
 def to_mnist_checked(x, name:str|None=None) -> tuple:
     "`(to_mnist(x), doubt)`: the 28x28, and why it may not be one digit (`ink_doubt`) or None; blank: (None, 'no ink')."
     doubts = []
-    try: a = _to_mnist(x, name or _name(x), doubts)[0]
+    try: a = _to_mnist(x, name or input_name(x), doubts)[0]
     except BadImage as e:
         if e.reason != 'blank': raise
         return None, 'no ink'
@@ -380,7 +380,7 @@ def to_mnist_checked(x, name:str|None=None) -> tuple:
 # %% ../nbs/01_images.ipynb #fbd52573
 def read_digit_image(path) -> tuple:
     "`(28x28 uint8, notes)` for an image file, by `to_mnist`; black if blank; `BadImage` (with a `reason`) if unusable."
-    try: return _to_mnist(path, _name(path))
+    try: return _to_mnist(path, input_name(path))
     except BadImage as e:
         if e.reason != 'blank': raise
         return np.zeros((28, 28), np.uint8), []

@@ -262,17 +262,9 @@ def _averaged(net:nn.Module, decay:float, state:dict|None=None):
     if state and 'ema' in state: avg.load_state_dict(state['ema'])
     return avg
 
-# %% ../nbs/05_training.ipynb #93e73a1c
-def fit(model:nn.Module,            # the network to train (from `get_model`)
-        data,                       # a `CleanedData` with `train` and `val` splits
-        out_dir,                    # where `best.pt` and `last.pt` go
-        params:TrainParams,         # the run's knobs
-        on_epoch=None,              # called as `on_epoch(metrics, epoch)` after each epoch; True stops training
-        state:dict|None=None,       # a `last.pt` to continue from
-       ) -> dict:                   # the final state: `epoch`, `history`, `best_val_accuracy`, `best_epoch`
-    "Train `model` on `data` with `params`, checkpointing to `out_dir` after every epoch (rank 0, of several)."
-    p, out_dir = params, Path(out_dir)
-    rank, world = world_info()
+# %% ../nbs/05_training.ipynb #8de545e1
+def _on_device(model:nn.Module, data, p:TrainParams, rank:int, world:int):
+    "`(model, device, train, val, pool, outliers)` for this process: its share of validation, the non-digits' pool."
     dev = get_device(p.device)
     (xt, yt), (xv, yv) = data.train, data.val
     if p.max_train_samples: xt, yt = xt[:p.max_train_samples], yt[:p.max_train_samples]
@@ -291,11 +283,37 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
     ox = torch.from_numpy(pool['images']).unsqueeze(1).to(dev) if pool else None
     model.to(dev)
     if any(isinstance(m, nn.Conv2d) for m in model.modules()): model.to(memory_format=torch.channels_last)
-    net = model                                                   # the network itself
+    return model, dev, (xt, yt), (xv, yv), pool, ox
+
+# %% ../nbs/05_training.ipynb #63b1d1f5
+def _checkpoint(out_dir:Path, p:TrainParams, data, st:dict, best:bool,
+                kept, net, avg, opt, sched,   # the model kept, the network, its average, optimiser and schedule
+                pool:dict|None):              # the non-digits trained on (their version goes in `best.pt`)
+    "Write `last.pt` (all that `resume` needs) and, after the best epoch so far, `best.pt` (the model kept)."
+    cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+    if best: save_checkpoint(out_dir/'best.pt', model=cpu(kept), params=asdict(p), epoch=st['epoch'],
+                             val_accuracy=st['best_val_accuracy'], dataset_version=data.version,
+                             **({'outliers_version': pool['version']} if pool else {}))
+    save_checkpoint(out_dir/'last.pt', model=cpu(net), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                    params=asdict(p), dataset_version=data.version, **({'ema': cpu(avg)} if avg else {}),
+                    **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
+
+# %% ../nbs/05_training.ipynb #d329cc53
+def fit(model:nn.Module,            # the network to train (from `get_model`)
+        data,                       # a `CleanedData` with `train` and `val` splits
+        out_dir,                    # where `best.pt` and `last.pt` go
+        params:TrainParams,         # the run's knobs
+        on_epoch=None,              # called as `on_epoch(metrics, epoch)` after each epoch; True stops training
+        state:dict|None=None,       # a `last.pt` to continue from
+       ) -> dict:                   # the final state: `epoch`, `history`, `best_val_accuracy`, `best_epoch`
+    "Train `model` on `data` with `params`, checkpointing to `out_dir` after every epoch (rank 0, of several)."
+    p, out_dir = params, Path(out_dir)
+    rank, world = world_info()
+    net, dev, (xt, yt), (xv, yv), pool, ox = _on_device(model, data, p, rank, world)   # the network itself
     if state: net.load_state_dict(state['model'])
     avg = _averaged(net, p.ema, state)                            # its weights' moving average, or None
     kept = avg.module if avg else net                             # what is evaluated and saved as the model
-    if world > 1: model = data_parallel(net, dev)
+    model = data_parallel(net, dev) if world > 1 else net
     steps = math.ceil(len(yt)/p.batch_size)                       # the same for any number of processes
     opt = make_optimizer(p.optimizer, model.parameters(), p.lr, p.weight_decay)
     sched = make_schedule(p.schedule, opt, p.lr, p.epochs*steps, steps)
@@ -322,14 +340,7 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
         if best: st.update(best_val_accuracy=va['accuracy'], best_epoch=epoch)
         st.update(epoch=epoch, history=st['history'] + [{'epoch': epoch, **metrics}])
         if rank == 0:                                       # one process writes and prints
-            cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
-            sd = cpu(kept)
-            if best: save_checkpoint(out_dir/'best.pt', model=sd, params=asdict(p), epoch=epoch,
-                                     val_accuracy=va['accuracy'], dataset_version=data.version,
-                                     **({'outliers_version': pool['version']} if pool else {}))
-            save_checkpoint(out_dir/'last.pt', model=cpu(net), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            params=asdict(p), dataset_version=data.version, **({'ema': cpu(avg)} if avg else {}),
-                            **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
+            _checkpoint(out_dir, p, data, st, best, kept, net, avg, opt, sched, pool)
             print(f"epoch {epoch}: " + ' '.join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         stop = bool(on_epoch) and on_epoch(metrics, epoch) is True       # e.g. a pruned trial
         if world > 1: stop = rank0_says(stop, dev)

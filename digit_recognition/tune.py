@@ -7,11 +7,12 @@ Docs: https://digit-recognition.github.io/digit-recognition/tune.html.md"""
 # %% auto #0
 __all__ = ['RACING', 'STATUS', 'DONE', 'TUNE_SETTINGS', 'parse_space', 'suggest', 'make_sampler', 'storage_url', 'open_storage',
            'Objective', 'study_parent', 'trial_rows', 'comparison_table', 'plot_comparison', 'study_figures',
-           'log_study', 'run_study', 'parse_grid', 'combination_name', 'run_sweep', 'parse_tries', 'open_study',
-           'best_of', 'print_best', 'digit_tune', 'digit_sweep']
+           'log_study', 'StudyPlan', 'run_study', 'parse_grid', 'parse_tries', 'open_study', 'best_of', 'print_best',
+           'digit_tune']
 
 # %% ../nbs/09_tune.ipynb #74d95910
-import csv, io, itertools, math, multiprocessing, os, time, warnings
+import csv, io, math, multiprocessing, os, time, warnings
+from dataclasses import dataclass, field
 from concurrent.futures import ProcessPoolExecutor
 import matplotlib.pyplot as plt
 import mlflow
@@ -302,32 +303,39 @@ def _worker(study_name:str, url:str, space:dict, fixed:dict, parent_run_id:str, 
                    callbacks=[_until(opts['trials'])] + ([] if opts.get('quiet') else [_say(keys)]))
     return _finished(study) - before
 
+# %% ../nbs/09_tune.ipynb #345679ab
+@dataclass
+class StudyPlan:
+    "How a study runs: its name and storage, when it stops, how trials are chosen and pruned, what it reports."
+    study:str = ''                   # the study's name; empty: `[tune] study`
+    storage:str = ''                 # a database URL; empty: `[tune] storage`, else training_results/optuna.db
+    trials:int = 20                  # stop when the study has this many finished trials (all workers)
+    timeout:float = 0                # or after this many seconds (0: no limit)
+    sampler:str = 'tpe'              # 'tpe', 'random' or 'grid'
+    pruner:str = 'median'            # 'median', 'hyperband' or 'none'
+    metric:str = 'val_accuracy'      # 'val_accuracy' (maximised) or 'val_loss' (minimised)
+    jobs:int = 1                     # worker processes on this machine (each gets its share of the cores)
+    enqueue:list = field(default_factory=list)   # parameter sets to try first (`{name: value}`)
+    seed:int|None = None             # the samplers' seed
+    quiet:bool = False               # no line per trial
+    name:object = None               # `name(trial, params)`: the child runs' names
+    tags:dict = field(default_factory=dict)      # extra tags of the parent run
+    keys:list|None = None            # the comparison table's parameter columns; None: the trial and the space
+
 # %% ../nbs/09_tune.ipynb #841c2bd3
-def run_study(space:dict,                 # `{name: distribution}` (`parse_space`)
-              fixed:dict,                 # the other training parameters, the same for every trial, and `RUN_OPTIONS`
-              study:str='',               # the study's name; empty: `[tune] study`
-              storage:str='',             # a database URL; empty: `[tune] storage`, else training_results/optuna.db
-              trials:int=20,              # stop when the study has this many finished trials (all workers)
-              timeout:float=0,            # or after this many seconds (0: no limit)
-              sampler:str='tpe',          # 'tpe', 'random' or 'grid'
-              pruner:str='median',        # 'median', 'hyperband' or 'none'
-              metric:str='val_accuracy',  # 'val_accuracy' (maximised) or 'val_loss' (minimised)
-              jobs:int=1,                 # worker processes on this machine (each gets its share of the cores)
-              enqueue:list|None=None,     # parameter sets to try first (`{name: value}`)
-              seed:int|None=None,         # the samplers' seed
-              settings:Settings|None=None,
-              quiet:bool=False,           # no line per trial
-              name=None,                  # `name(trial, params)`: the child runs' names
-              tags:dict|None=None,        # extra tags of the parent run
-              keys:list|None=None,        # the comparison table's parameter columns; None: the trial and the space
-             ) -> dict:                   # `study`, `parent_run_id`, `rows`, `markdown`, `best`, `storage`
+def run_study(space:dict,                  # `{name: distribution}` (`parse_space`)
+              fixed:dict,                  # the other training parameters, the same for every trial, and `RUN_OPTIONS`
+              plan:StudyPlan|None=None,    # the study's name, storage, stopping, sampler, pruner...; None: the defaults
+              settings:Settings|None=None, # None: the project's settings
+             ) -> dict:                    # `study`, `parent_run_id`, `rows`, `markdown`, `best`, `storage`
     "Run (or join) an Optuna study of the training notebook: each trial a child MLflow run of the study's parent."
-    s = settings or Settings()
+    p, s = plan or StudyPlan(), settings or Settings()
+    metric, jobs = p.metric, max(1, p.jobs)
     if metric not in ('val_accuracy', 'val_loss'):
         raise DigitError(f"metric: unknown '{metric}' (expected val_accuracy or val_loss)")
-    make_sampler(sampler, space); make_pruner(pruner)                     # a bad name fails before anything starts
-    uri, url = connect_tracking(s), storage_url(storage, s)
-    name_ = study or s.get('tune', 'study')
+    make_sampler(p.sampler, space); make_pruner(p.pruner)               # a bad name fails before anything starts
+    uri, url = connect_tracking(s), storage_url(p.storage, s)
+    name_ = p.study or s.get('tune', 'study')
     direction = 'maximize' if metric == 'val_accuracy' else 'minimize'
     try: st = optuna.create_study(study_name=name_, storage=open_storage(url, s), direction=direction,
                                   load_if_exists=True)
@@ -336,25 +344,24 @@ def run_study(space:dict,                 # `{name: distribution}` (`parse_space
         raise DigitError(f"storage {redact(url)}: cannot be used ({first_line(e, 200)})") from None
     if st.direction.name.lower() != direction:
         raise DigitError(f"study {name_}: it {st.direction.name.lower()}s, and --metric {metric} would {direction}")
-    for p in enqueue or []: st.enqueue_trial(p, skip_if_exists=True)
+    for t in p.enqueue: st.enqueue_trial(t, skip_if_exists=True)
     st.set_user_attr('fixed', {k: v for k, v in fixed.items() if k not in RUN_OPTIONS})
     pid = study_parent(st, uri, fixed.get('experiment') or s.get('mlflow', 'experiment'),
-                       {'tune': 'parent', **(tags or {})})
+                       {'tune': 'parent', **p.tags})
     os.environ['DIGIT_TUNE_STORAGE'] = url                              # for the trials' kernels: not a parameter
-    jobs = max(1, jobs)
-    opts = dict(trials=trials, timeout=timeout, sampler=sampler, pruner=pruner, metric=metric, seed=seed, name=name,
-                startup_trials=int(s.get('tune', 'startup_trials')), quiet=quiet,
+    opts = dict(trials=p.trials, timeout=p.timeout, sampler=p.sampler, pruner=p.pruner, metric=metric, seed=p.seed,
+                name=p.name, startup_trials=int(s.get('tune', 'startup_trials')), quiet=p.quiet,
                 threads=max(1, (os.cpu_count() or 1)//jobs) if jobs > 1 else 0)
-    if quiet: pass
-    elif (tags or {}).get('sweep'): print(f"sweep {pid}: {trials} runs, {jobs} at a time", flush=True)
-    else: print(f"study {name_} ({redact(url)}): parent run {pid}; {trials} trials, {jobs} at a time", flush=True)
+    if p.quiet: pass
+    elif p.tags.get('sweep'): print(f"sweep {pid}: {p.trials} runs, {jobs} at a time", flush=True)
+    else: print(f"study {name_} ({redact(url)}): parent run {pid}; {p.trials} trials, {jobs} at a time", flush=True)
     if jobs == 1: _worker(name_, url, space, fixed, pid, opts)
     else:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
             for f in [pool.submit(_worker, name_, url, space, fixed, pid, opts, i) for i in range(jobs)]: f.result()
     st = optuna.load_study(study_name=name_, storage=open_storage(url, s))
     pid = st.user_attrs.get('mlflow_parent_run_id', pid)
-    res = log_study(st, pid, keys or ['trial', *space], metric)
+    res = log_study(st, pid, p.keys or ['trial', *space], metric)
     return {'study': name_, 'parent_run_id': pid, 'storage': redact(url), 'tracking_uri': redact(uri), **res}
 
 # %% ../nbs/09_tune.ipynb #2d428c6a
@@ -372,29 +379,6 @@ def parse_grid(items:list, params:dict) -> dict:
         try: grid[name] = [conv(v.strip()) for v in vals.split(',')]
         except ValueError: raise DigitError(f"--grid {it}: values must be {t.__name__}") from None
     return grid
-
-# %% ../nbs/09_tune.ipynb #8a1bb70e
-def combination_name(trial, params:dict) -> str:
-    "A sweep child's run name: its combination, e.g. `lr=0.01-model=cnn`."
-    return '-'.join(f"{k}={v}" for k, v in params.items())
-
-def run_sweep(grid:dict,                  # `{name: [values]}` of `TrainParams` fields (`parse_grid`)
-              fixed:dict,                 # the other parameters, the same for every run (and `RUN_OPTIONS`)
-              jobs:int=1,                 # runs at the same time (each gets its share of the cores)
-              settings:Settings|None=None,  # None: the project's settings
-              quiet:bool=False,           # no progress lines
-             ) -> dict:                   # `parent_run_id`, `rows` (best first), `markdown` table, `tracking_uri`
-    "Train every combination of `grid` as child runs of one parent MLflow run (a grid study), and compare them there."
-    s = settings or Settings()
-    space = {k: CategoricalDistribution(v) for k, v in grid.items()}
-    n = len(list(itertools.product(*grid.values())))
-    name = fixed.get('run_name') or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-    res = run_study(space, {k: v for k, v in fixed.items() if k != 'run_name'}, study=name, trials=n,
-                    sampler='grid', pruner='none', jobs=min(jobs, n), settings=s, quiet=quiet,
-                    name=combination_name, tags={'sweep': 'parent'}, keys=list(grid))
-    c = mlflow.MlflowClient()
-    for k, v in grid.items(): c.log_param(res['parent_run_id'], f"grid.{k}", ','.join(map(str, v)))
-    return res
 
 # %% ../nbs/09_tune.ipynb #d615294a
 def parse_tries(items:list, params:dict) -> list:
@@ -472,8 +456,10 @@ def digit_tune(study:str=None,          # the study's name
     space = parse_space(space or s.get('tune', 'space') or '')
     fixed = {k: v for k, v in params.items() if k not in space}
     try:
-        res = run_study(space, fixed, study, storage or '', trials, timeout, sampler, pruner, metric, jobs,
-                        parse_tries(tries or [], param_specs(s)), s.get('tune', 'seed', sampler_seed), s, quiet)
+        plan = StudyPlan(study, storage or '', trials, timeout, sampler, pruner, metric, jobs,
+                         enqueue=parse_tries(tries or [], param_specs(s)), seed=s.get('tune', 'seed', sampler_seed),
+                         quiet=quiet)
+        res = run_study(space, fixed, plan, s)
     except KeyboardInterrupt:
         raise KeyboardInterrupt("interrupted; finished trials are kept in the study and in MLflow") from None
     print(f"\nstudy {res['study']} ({res['storage']}), parent run {res['parent_run_id']} ({res['tracking_uri']}), "
@@ -482,19 +468,3 @@ def digit_tune(study:str=None,          # the study's name
     b = res['best']
     print(f"best: trial {b.number} ({metric} {b.value:.4f}, run {b.user_attrs.get('run_id', '')}): " +
           ', '.join(f"{k}={v}" for k, v in b.params.items()))
-
-# %% ../nbs/09_tune.ipynb #2e90762d
-@cli(flags=[add_parameter_flags])
-def digit_sweep(grid:Annotated[str, {'action': 'append', 'metavar': 'NAME=V1,V2', 'required': True}]=None,  # a
-                    # parameter and its values, e.g. --grid lr=0.003,0.01 (repeat for more parameters)
-                jobs:int=1,     # runs at the same time
-                **params):      # the training flags of digit-train: the same for every run
-    """Run the training notebook once per combination of --grid values (an Optuna grid study), as child MLflow runs
-    of one parent run, and log a comparison table and plot to the parent."""
-    if jobs < 1: raise DigitError(f"--jobs: expected at least 1, got {jobs}")
-    grid = parse_grid(grid, param_specs())
-    try: res = run_sweep(grid, {k: v for k, v in params.items() if k not in grid}, jobs)
-    except KeyboardInterrupt: raise KeyboardInterrupt("interrupted; finished runs are kept in MLflow") from None
-    print(f"\nsweep {res['parent_run_id']} ({res['tracking_uri']}), best first:\n\n{res['markdown']}")
-    failed = [r for r in res['rows'] if r['status'] != 'ok']
-    if failed: raise DigitError(f"{len(failed)} of {len(res['rows'])} runs failed (see the table above)")

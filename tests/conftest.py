@@ -14,7 +14,7 @@ from xdist_groups import pytest_collection_modifyitems, pytest_xdist_make_schedu
 def mnist_dir():
     "A folder holding the four MNIST files: MNIST_DIR (tests and CI), else the project's verified copy."
     if os.environ.get('MNIST_DIR'): return Path(os.environ['MNIST_DIR'])
-    from digit_recognition.data import fetch_mnist, raw_dir
+    from digit_recognition.mnist import fetch_mnist, raw_dir
     from digit_recognition.config import Settings
     fetch_mnist()
     return raw_dir(Settings().path('paths', 'data_dir'))

@@ -327,7 +327,8 @@ def display():
 def test_drawing_pad(display, model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv('DISPLAY', display)
     import tkinter as tk
-    from digit_recognition.client import DigitPredictor, DrawingPad
+    from digit_recognition.client import DigitPredictor
+    from digit_recognition.pad import DrawingPad
     predictor = DigitPredictor.load(str(model_dir/'best.pt'))                 # its own threshold, as digit-client
     root = tk.Tk()
     try:

@@ -172,7 +172,7 @@ def test_deployment_commands(tmp_path):
     env.update(PATH=f"{BIN}:{env['PATH']}", MPLBACKEND='Agg')
     if 'MNIST_DIR' not in env:
         from digit_recognition.config import Settings
-        from digit_recognition.data import raw_dir
+        from digit_recognition.mnist import raw_dir
         env['MNIST_DIR'] = str(raw_dir(Settings().path('paths', 'data_dir')))
     for i, block in enumerate(marked_blocks(text)):
         r = subprocess.run(['bash', '-euo', 'pipefail', '-c', block], cwd=proj, env=env, capture_output=True, text=True,
