@@ -5,7 +5,7 @@ and gets its threshold as a training run does (`training.calibrate_checkpoint` o
 photographed and drawn views), and is measured on:
   tune families  `outliers.families('tune')` non-digits, made here (the test families are never looked at here:
                  `bench/unsure.py` reports them, for the recipe chosen)
-  digits         the validation split's photographed and drawn views (`outliers.load_views`), and MNIST's test split
+  digits         the validation split's photographed and drawn views (`views.load_views`), and MNIST's test split
                  (accuracy only: the issue's target is on it)
 and prints training seconds, accuracies, the share of tune non-digits answered "not sure" at the threshold and the
 AUROC of the calibrated top probability there.
@@ -25,7 +25,8 @@ from sklearn.metrics import roc_auc_score
 from digit_recognition.config import seed_everything
 from digit_recognition.data import load_cleaned
 from digit_recognition.model import get_model
-from digit_recognition.outliers import build_outliers, load_views
+from digit_recognition.outliers import build_outliers
+from digit_recognition.views import load_views
 from digit_recognition.training import TrainParams, fit, evaluate, model_from_checkpoint
 from digit_recognition.calibration import calibrate_checkpoint, probabilities_from_checkpoint, top_probability
 from results import save, table

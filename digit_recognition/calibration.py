@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from .config import Settings
-from .outliers import load_views
+from .views import load_views
 from .model import export_onnx
 from .training import (TrainParams, batch_indices, prep_images, load_checkpoint, save_checkpoint,
                                         model_from_checkpoint)
@@ -32,7 +32,8 @@ def calibration(confidence:np.ndarray,  # the probability of each predicted clas
     idx = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
     bins, ece = [], 0.0
     for b in range(n_bins):
-        m = idx == b; n = int(m.sum())
+        m = idx == b
+        n = int(m.sum())
         conf, acc = (float(confidence[m].mean()), float(correct[m].mean())) if n else (0.0, 0.0)
         ece += n/len(confidence)*abs(acc - conf)
         bins.append({'lo': float(edges[b]), 'hi': float(edges[b+1]), 'count': n, 'confidence': conf, 'accuracy': acc})
@@ -62,7 +63,10 @@ def fit_temperature(logits:torch.Tensor,  # N x classes, as the network returns 
     log_t = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn='strong_wolfe')
     def nll():
-        opt.zero_grad(); loss = F.cross_entropy(z/log_t.exp(), y); loss.backward(); return loss
+        opt.zero_grad()
+        loss = F.cross_entropy(z/log_t.exp(), y)
+        loss.backward()
+        return loss
     with torch.enable_grad(): opt.step(nll)
     t = float(log_t.detach().exp())     # a split with no mistakes would drive T towards 0: the bounds stop it
     return min(max(t, bounds[0]), bounds[1]) if math.isfinite(t) else 1.0
@@ -74,7 +78,8 @@ def calibrate(model:nn.Module,     # the classifier (it returns logits)
               n_bins:int=15,       # confidence bins of the ECE
              ) -> dict:            # `temperature`, `ece_uncalibrated`, `ece`, `accuracy`
     "Fit `model`'s temperature on `x`, `y`; with the ECE on them before (T = 1) and after."
-    z = predict_logits(model, x); y = torch.as_tensor(y).cpu()
+    z = predict_logits(model, x)
+    y = torch.as_tensor(y).cpu()
     t = fit_temperature(z, y)
     def ece(t):
         p = torch.softmax(z/t, dim=1)
@@ -89,7 +94,8 @@ class Probabilities(nn.Module):
                  model:nn.Module,          # the classifier, returning logits
                  temperature:float=1.0,    # divides the logits; fitted by `calibrate` (1: as trained)
                  reject_threshold:float|None=None):  # below this top probability: "not sure" (`fit_rejection`)
-        super().__init__(); self.model, self.temperature = model, float(temperature)
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
         self.reject_threshold = reject_threshold
     def forward(self, x):
         "Class probabilities for images `x`."

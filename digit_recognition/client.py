@@ -253,7 +253,9 @@ class DigitPredictor:
         where = [i for i, (a, _, _) in enumerate(prepared) if a is not None]
         if where:
             probs = self.probabilities(np.stack([prepared[i][0] for i in where]))
-            for i, p in zip(where, probs): self._answer(results[i], p, top_k); results[i].image = prepared[i][0]
+            for i, p in zip(where, probs):
+                self._answer(results[i], p, top_k)
+                results[i].image = prepared[i][0]
         return results[0] if single else results
 
 # %% ../nbs/07_client.ipynb #df288254
@@ -278,8 +280,10 @@ def format_results(results:list, fmt:str='table') -> str:
              'top_k': ' '.join(f"{d}:{p:.3f}" for d, p in r.top_k), 'reason': r.reason or '', 'error': r.error or ''}
             for r in results]
     if fmt == 'csv':
-        buf = io.StringIO(); w = csv.DictWriter(buf, list(rows[0]) if rows else ['file'])
-        w.writeheader(); w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, list(rows[0]) if rows else ['file'])
+        w.writeheader()
+        w.writerows(rows)
         return buf.getvalue()
     for r in rows:                                  # a newline (or tab...) in a file name would break the table
         r['file'] = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in r['file'])
@@ -302,7 +306,8 @@ def annotate(path, pred:Prediction) -> Image.Image:
     text = f"? not sure: {pred.reason}" if pred.unsure else f"{pred.digit}  ({pred.probability:.1%})"
     font = ImageFont.load_default(size=16)
     w = max(im.width, 160, int(ImageDraw.Draw(im).textlength(text, font=font)) + 8)
-    out = Image.new('RGB', (w, im.height + 28), 'white'); out.paste(im, (0, 0))
+    out = Image.new('RGB', (w, im.height + 28), 'white')
+    out.paste(im, (0, 0))
     ImageDraw.Draw(out).text((4, im.height + 6), text, fill='black', font=font)
     return out
 

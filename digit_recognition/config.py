@@ -43,7 +43,8 @@ def command(main):
         except DigitError as e: code = f"error: {e}"
         except OSError as e: code = f"error: {os_error(e)}"
         except KeyboardInterrupt as e:
-            print(e.args[0] if e.args else "interrupted", file=sys.stderr); code = 130
+            print(e.args[0] if e.args else "interrupted", file=sys.stderr)
+            code = 130
         sys.exit(code)
     return run
 
@@ -229,7 +230,8 @@ def typed(v):
 # %% ../nbs/00_config.ipynb #800344a3
 def package_defaults(section:str) -> dict:
     "The package's own defaults for `[section]`, typed: what a setting is before any project, `.env` or environment."
-    ini = configparser.ConfigParser(); ini.read_string(DEFAULTS)
+    ini = configparser.ConfigParser()
+    ini.read_string(DEFAULTS)
     return {k: typed(v) for k, v in ini.items(section)}
 
 # %% ../nbs/00_config.ipynb #f58711e6
@@ -240,7 +242,8 @@ class Settings:
     "Pipeline settings: the package's defaults < the project's settings.ini < .env < environment variables < arguments."
     def __init__(self, root=None, env_file='.env'):
         self.root = find_root(root)
-        self.ini = configparser.ConfigParser(); self.ini.read_string(DEFAULTS)
+        self.ini = configparser.ConfigParser()
+        self.ini.read_string(DEFAULTS)
         self.project = configparser.ConfigParser()
         f = self.root/'settings.ini'
         try: self.project.read(f, encoding='utf-8')
@@ -352,7 +355,8 @@ def cli_parser(func,                   # the command's function: a flag per para
 def _rename(p:argparse.ArgumentParser, a:argparse.Action, flag:str):
     "Flag `a` of `p` is called `flag` instead."
     for o in a.option_strings: p._option_string_actions.pop(o, None)
-    a.option_strings = [flag]; p._option_string_actions[flag] = a
+    a.option_strings = [flag]
+    p._option_string_actions[flag] = a
 
 def _both_forms(p:argparse.ArgumentParser, a:argparse.Action):
     "Switch `a` of `p` becomes `--x` / `--no-x` (argparse's `BooleanOptionalAction`), None when neither is given."
@@ -376,14 +380,18 @@ def cli(func=None, *,
     prog = prog or func.__name__.strip('_').replace('_', '-')
     parser = lambda: cli_parser(func, prog, pos, settings, flags, rename)
     def call(argv:list|None=None):   # the command's arguments; None: `sys.argv[1:]`
-        a = vars(parser().parse_args(argv)); a.pop('pdb', None); a.pop('xtra', None)
+        a = vars(parser().parse_args(argv))
+        a.pop('pdb', None)
+        a.pop('xtra', None)
         return func(**a)
     @command
     @functools.wraps(func)
     def main(argv:list|None=None):
         code = call(argv)
         if fast_exit:                # everything is written: skip the time libraries spend tearing down at exit
-            sys.stdout.flush(); sys.stderr.flush(); os._exit(code or 0)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code or 0)
         return code
     main.parser, main.func, main.call = parser, func, call     # `call`: parse and run, without exiting
     return main
@@ -412,7 +420,9 @@ def get_device(name:str='auto'):
 def seed_everything(seed:int=42) -> int:
     "Seed Python, NumPy and PyTorch; returns `seed`."
     import torch
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     return seed
 
 # %% ../nbs/00_config.ipynb #6dc6cda5
@@ -425,7 +435,8 @@ def _new_file(path:Path):
 
 def atomic_write(path, write):
     "Call `write(f)` on a temporary file next to `path`, then rename it to `path`, keeping the mode `path` had."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_file(path)
     try:
         with os.fdopen(fd, 'wb') as f: write(f)
@@ -433,7 +444,8 @@ def atomic_write(path, write):
         except FileNotFoundError: pass                                # a new file: as created, umask applied
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 # %% ../nbs/00_config.ipynb #3d698116

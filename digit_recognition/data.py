@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from .config import Settings, DigitError, cli, atomic_write
 from .images import BadImage, read_digit_image
 from .mnist import MNIST_FILES, fetch_mnist, load_mnist
-from .outliers import load_outliers, load_views
+from .outliers import load_outliers
+from .views import load_views
 
 # %% ../nbs/02_data.ipynb #f4c05db4
 def _to_uint8(img):
@@ -77,17 +78,20 @@ def stratified_split(labels,               # one label per image
                      name:str='val_size',  # the setting `val_size` comes from, for the message
                     ):
     "Indices `(train, val)`: `val_size` (a count, or a fraction below 1) drawn per class in proportion, seeded."
-    labels = np.asarray(labels); n = len(labels)
+    labels = np.asarray(labels)
+    n = len(labels)
     n_val = int(round(val_size*n)) if 0 < val_size < 1 else int(val_size)
     if not 0 < n_val < n:
         raise DigitError(f"{name}: {val_size} leaves no training or no validation images (have {n})")
     classes, counts = np.unique(labels, return_counts=True)
-    quota = counts*n_val/n; take = np.floor(quota).astype(int)
+    quota = counts*n_val/n
+    take = np.floor(quota).astype(int)
     take[np.argsort(-(quota - take), kind='stable')[:n_val - take.sum()]] += 1
     if 0 < val_size < 1: take = np.maximum(take, np.minimum(min_per_class, counts - 1))   # each class that can spare it
     rng = np.random.default_rng(seed)
     val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)])
-    mask = np.zeros(n, bool); mask[val] = True
+    mask = np.zeros(n, bool)
+    mask[val] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 # %% ../nbs/02_data.ipynb #40b0a982
@@ -120,7 +124,8 @@ def content_digest(images:np.ndarray,   # a split's images (stored as uint8)
     h = hashlib.sha256()
     for k, a in (('images', np.asarray(images, np.uint8)), ('labels', np.asarray(labels, np.int64))):
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder('<'))
-        h.update(f"{k} {a.dtype.str} {a.shape}\n".encode()); h.update(a.tobytes())
+        h.update(f"{k} {a.dtype.str} {a.shape}\n".encode())
+        h.update(a.tobytes())
     return h.hexdigest()
 
 def split_digest(path) -> str:
@@ -194,8 +199,12 @@ def read_image_folder(root, skip:tuple=()):
         name = f.relative_to(root).as_posix()
         try: a, n = read_digit_image(f)
         except BadImage as e:
-            rejected.append({'file': name, 'reason': e.reason}); continue
-        images.append(a); labels.append(int(f.relative_to(root).parts[0])); files.append(name); notes.update(n)
+            rejected.append({'file': name, 'reason': e.reason})
+            continue
+        images.append(a)
+        labels.append(int(f.relative_to(root).parts[0]))
+        files.append(name)
+        notes.update(n)
     x = np.stack(images) if images else np.zeros((0, 28, 28), np.uint8)
     return x, np.array(labels, np.int64), files, {'rejected_files': rejected, **dict(notes)}
 
@@ -225,7 +234,8 @@ def prepare_images(root,                   # `ROOT/<label>/*`, or `ROOT/{train,t
         (tx, ty, tf, trep), (sx, sy, sf, srep) = read_image_folder(root/'train'), read_image_folder(root/'test')
         tf, sf = [f'train/{f}' for f in tf], [f'test/{f}' for f in sf]
     else:
-        x, y, f, trep = read_image_folder(root); srep = {'rejected_files': []}
+        x, y, f, trep = read_image_folder(root)
+        srep = {'rejected_files': []}
         x, y, pool, pool_rm = clean_split(x, y, min_ink)      # clean the pool first: a duplicate is not a leak
         gone = {i for i, _ in pool_rm}
         pool_removed, f = ([{'file': f[i], 'reason': r} for i, r in pool_rm],
@@ -263,7 +273,8 @@ def add_feedback(m:dict,              # the manifest of a cleaned MNIST (`build_
     x, y, files, rep = read_image_folder(folder, skip)
     with np.load(out_dir/m['splits']['test']['file']) as z: test = {r.tobytes() for r in z['images'].reshape(-1, 784)}
     x, y, clean, removed = clean_split(x, y, min_ink, exclude=test)
-    gone = {i for i, _ in removed}; files = [f for i, f in enumerate(files) if i not in gone]
+    gone = {i for i, _ in removed}
+    files = [f for i, f in enumerate(files) if i not in gone]
     if not len(y): raise DigitError(f"feedback folder {folder}: no usable corrected digit (expected <label>/*.png)")
     held = np.array([int(hashlib.sha256(f.encode()).hexdigest()[:8], 16) % 1000 < holdout*1000 for f in files])
     for k, sel in (('feedback', ~held), ('feedback_test', held)):
@@ -308,7 +319,8 @@ def prepare_data(source:str|None=None,   # an MNIST folder, 'torchvision' or 'pa
     out_dir = s.path('paths', 'cleaned_dir', out_dir)
     seed, min_ink = s.get('data', 'seed', seed), s.get('data', 'min_ink', min_ink)
     if images:
-        inputs = image_inputs(images); root = inputs['from']
+        inputs = image_inputs(images)
+        root = inputs['from']
         val_size, test_size = s.get('data', 'images_val_size', val_size), s.get('data', 'test_size')
         params = {'val_size': val_size, 'seed': seed, 'min_ink': min_ink, 'test_size': test_size}
         if not force and (m := _current(out_dir, root, params, inputs)): return m
@@ -361,7 +373,8 @@ def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [
                              "run `digit-data --force`")
         with np.load(f) as z: out[k] = (torch.from_numpy(z['images']).unsqueeze(1), torch.from_numpy(z['labels']))
     for k, r in extra.items():       # first, so that a run on `max_train_samples` images still sees them
-        x, y = out.pop(k); out['train'] = (torch.cat([x]*r + [out['train'][0]]), torch.cat([y]*r + [out['train'][1]]))
+        x, y = out.pop(k)
+        out['train'] = (torch.cat([x]*r + [out['train'][0]]), torch.cat([y]*r + [out['train'][1]]))
     return CleanedData(manifest, out)
 
 # %% ../nbs/02_data.ipynb #4179a6ad
@@ -404,7 +417,10 @@ def plot_class_histogram(manifest:dict):
     for i, (k, v) in enumerate(manifest['splits'].items()):
         ax.bar(np.arange(10) + i*w, v['classes'], w, label=f"{k} ({v['count']:,})")
     ax.set_xticks(np.arange(10) + w*(len(manifest['splits']) - 1)/2, range(10))
-    ax.set_xlabel('digit'); ax.set_ylabel('images'); ax.legend(); ax.set_title(f"dataset {manifest['version']}")
+    ax.set_xlabel('digit')
+    ax.set_ylabel('images')
+    ax.legend()
+    ax.set_title(f"dataset {manifest['version']}")
     fig.tight_layout()
     return fig
 

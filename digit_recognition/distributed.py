@@ -40,7 +40,8 @@ def mean_over_ranks(means:dict, n:int, device) -> dict:
 
 def rank0_says(flag:bool, device) -> bool:
     "Rank 0's `flag`, in every process."
-    t = torch.tensor([float(flag)], device=device); torch.distributed.broadcast(t, 0)
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.broadcast(t, 0)
     return bool(t.item())
 
 def data_parallel(net:nn.Module, device) -> nn.Module:

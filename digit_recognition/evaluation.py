@@ -46,7 +46,10 @@ def classification_metrics(labels:np.ndarray,  # the true digits, N
                           ) -> dict:
     "Accuracy, loss, macro / weighted precision, recall and F1, per-class table, confusion matrix and calibration."
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-    labels = np.asarray(labels); pred = probs.argmax(1); conf = probs.max(1); classes = list(range(probs.shape[1]))
+    labels = np.asarray(labels)
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    classes = list(range(probs.shape[1]))
     cm = confusion_matrix(labels, pred, labels=classes)
     out = {'accuracy': float((pred == labels).mean()),
            'loss': float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())}
@@ -78,8 +81,10 @@ def plot_confusion(cm,                    # confusion matrix, rows: true digit, 
                    norm=None if normalize else plt.matplotlib.colors.LogNorm(vmin=1, vmax=max(cm.max(), 2)))
     fig.colorbar(im, ax=ax, fraction=0.046)
     n = len(cm)
-    ax.set_xticks(range(n)); ax.set_yticks(range(n))
-    ax.set_xlabel('predicted digit'); ax.set_ylabel('true digit')
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel('predicted digit')
+    ax.set_ylabel('true digit')
     ax.set_title(title or ('confusion matrix, share of each true digit' if normalize else 'confusion matrix, counts'))
     for i in range(n):
         for j in range(n):
@@ -98,8 +103,12 @@ def plot_per_class_f1(per_class:list):
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.barh([str(r['digit']) for r in per_class], f1, color='tab:blue')
     ax.axvline(np.mean(f1), color='tab:red', ls='--', label=f"macro F1 {np.mean(f1):.4f}")
-    ax.set_xlim(max(0, min(f1) - 0.02), 1); ax.invert_yaxis()
-    ax.set_xlabel('F1'); ax.set_ylabel('digit'); ax.legend(loc='lower left'); ax.set_title('F1 per digit')
+    ax.set_xlim(max(0, min(f1) - 0.02), 1)
+    ax.invert_yaxis()
+    ax.set_xlabel('F1')
+    ax.set_ylabel('digit')
+    ax.legend(loc='lower left')
+    ax.set_title('F1 per digit')
     fig.tight_layout()
     return fig
 
@@ -109,7 +118,8 @@ def confident_errors(labels,           # the true digits, N
                      n:int=24,         # at most this many
                     ) -> np.ndarray:   # indices into `labels`, the most confident mistake first
     "Indices of the `n` wrong predictions made with the highest confidence."
-    pred = probs.argmax(1); wrong = np.flatnonzero(pred != np.asarray(labels))
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != np.asarray(labels))
     return wrong[np.argsort(-probs[wrong].max(1), kind='stable')][:n]
 
 # %% ../nbs/06_evaluation.ipynb #b89f6a8e
@@ -137,16 +147,21 @@ def plot_reliability(bins:list,               # `calibration`'s bins of the mode
     fig, axs = plt.subplots(2, len(panels), figsize=(5*len(panels), 5.6), sharex=True, squeeze=False,
                             gridspec_kw={'height_ratios': [3, 1]})
     for (bins, ece, what), (ax, ax2) in zip(panels, axs.T):
-        mid = [(b['lo'] + b['hi'])/2 for b in bins]; w = bins[0]['hi'] - bins[0]['lo']
+        mid = [(b['lo'] + b['hi'])/2 for b in bins]
+        w = bins[0]['hi'] - bins[0]['lo']
         used = [b['count'] > 0 for b in bins]
         ax.bar([m for m, u in zip(mid, used) if u], [b['accuracy'] for b, u in zip(bins, used) if u], width=w,
                edgecolor='k', color='tab:blue', label='accuracy')
         ax.plot([0, 1], [0, 1], 'k--', label='perfect calibration')
-        ax.set_ylabel('accuracy'); ax.set_title(f'reliability diagram ({what}ECE {ece:.4f})', fontsize=10)
+        ax.set_ylabel('accuracy')
+        ax.set_title(f'reliability diagram ({what}ECE {ece:.4f})', fontsize=10)
         ax.legend(loc='upper left')
         total = sum(b['count'] for b in bins) or 1
         ax2.bar(mid, [b['count']/total for b in bins], width=w, color='gray', edgecolor='k')
-        ax2.set_yscale('log'); ax2.set_ylabel('share'); ax2.set_xlabel('confidence'); ax.set_xlim(0, 1)
+        ax2.set_yscale('log')
+        ax2.set_ylabel('share')
+        ax2.set_xlabel('confidence')
+        ax.set_xlim(0, 1)
     fig.tight_layout()
     return fig
 
@@ -160,9 +175,11 @@ def inference_speed(net:nn.Module,        # the model, on the device to measure
     "Images per second for batch prediction of `images`, measured for at least `seconds`."
     dev = next(net.parameters()).device
     x = (images[:batch_size].to(dev).float()/255)
-    net(x); n, t0 = 0, time.perf_counter()
+    net(x)
+    n, t0 = 0, time.perf_counter()
     while (t := time.perf_counter() - t0) < seconds or n == 0:
-        net(x); n += len(x)
+        net(x)
+        n += len(x)
         if dev.type == 'cuda': torch.cuda.synchronize()
     return n/t
 
@@ -235,7 +252,8 @@ REJECT_KEYS = ('not_sure', 'accuracy_answered')   # when the model has a "not su
 
 def report_markdown(r:dict) -> str:
     "The evaluation as a short Markdown report."
-    m = r['metrics']; t = m.get('temperature', 1.0)
+    m = r['metrics']
+    t = m.get('temperature', 1.0)
     cal = (f"- calibration: temperature {t:.4f} (fitted on the validation split after training); ECE "
            f"{m['ece_uncalibrated']:.4f} before, {m['ece']:.4f} after" if t != 1
            else "- calibration: none (temperature 1: a model trained before calibration)")
@@ -266,14 +284,54 @@ def reference_answers(probs:np.ndarray,        # the model's probabilities on th
                       threshold:float|None,    # the model's "not sure" threshold (None: none)
                      ) -> dict:                # `n`, `digits` (answered, per digit), `not_sure`, `confidence`, `ink`
     "What the model answers on the validation split, to compare a served model's answers with (`digit-monitor`)."
-    top = probs.max(1); sure = top >= (threshold or 0)
+    top = probs.max(1)
+    sure = top >= (threshold or 0)
     return {'n': len(top), 'digits': np.bincount(probs.argmax(1)[sure], minlength=10).tolist(),
             'not_sure': float(1 - sure.mean()), 'confidence': np.round(top, 4).tolist(),
             'ink': np.round(ink_share(images), 4).tolist()}
 
+# %% ../nbs/06_evaluation.ipynb #002dced8
+def _measure(net, images, labels, batch_size:int, n_bins:int, onnx) -> tuple:
+    "`(probabilities, metrics)` of `net` on `images`: quality, calibration before and after, not sure, ONNX, speed."
+    probs = predict_proba(net, images, batch_size)
+    cpu = next(net.parameters()).device.type == 'cpu'
+    agreement = onnx_agreement(onnx, net, images, batch_size, probs if cpu else None) if onnx else {}
+    m = classification_metrics(labels.numpy(), probs, n_bins)
+    raw = probs if uncalibrated(net) is net else predict_proba(uncalibrated(net), images, batch_size)
+    m['ece_uncalibrated'], m['calibration_bins_uncalibrated'] = calibration(raw.max(1), raw.argmax(1) == labels.numpy(),
+                                                                            n_bins)
+    m.update(temperature=float(getattr(net, 'temperature', 1.0)), **agreement)
+    if (th := getattr(net, 'reject_threshold', None)) is not None:      # what the clients answer "not sure"
+        sure = probs.max(1) >= th
+        m.update(reject_threshold=float(th), not_sure=float(1 - sure.mean()),
+                 accuracy_answered=float((probs.argmax(1) == labels.numpy())[sure].mean()) if sure.any() else 0.0)
+    m['images_per_second'] = inference_speed(net, images, batch_size)
+    return probs, m
+
+def _figures(m:dict, images, labels, probs, n_errors:int) -> dict:
+    "The evaluation's pictures by name: confusion matrices, F1 per digit, confident mistakes, reliability."
+    before = (m['calibration_bins_uncalibrated'], m['ece_uncalibrated']) if m['temperature'] != 1 else None
+    return {'confusion_matrix': plot_confusion(m['confusion_matrix']),
+            'confusion_matrix_normalized': plot_confusion(m['confusion_matrix'], normalize=True),
+            'per_class_f1': plot_per_class_f1(m['per_class']),
+            'confident_errors': plot_confident_errors(images.squeeze(1).numpy(), labels.numpy(), probs, n_errors),
+            'reliability': plot_reliability(m['calibration_bins'], m['ece'], temperature=m['temperature'],
+                                            before=before)}
+
+def _log_evaluation(r:dict, out:Path, version:str):
+    "Log evaluation `r` (its metrics, the dataset version, the folder `out`) to the model's MLflow run."
+    m = r['metrics']
+    try:
+        with mlflow.start_run(run_id=r['run_id']):
+            mlflow.log_metrics({r['prefix'] + k: m[k] for k in (*METRIC_KEYS, *ONNX_KEYS, *REJECT_KEYS) if k in m})
+            mlflow.set_tag(f"{r['prefix']}dataset_version", version)
+            mlflow.log_artifacts(str(out), out.name)
+    except MlflowException as e: raise tracking_error(mlflow.get_tracking_uri(), e) from None
+
 # %% ../nbs/06_evaluation.ipynb #5a690c52
 def _save_figure(fig, path:Path):
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110)); plt.close(fig)
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    plt.close(fig)
 
 def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` URI, or checkpoint; '': the latest run
                    split:str='test',           # 'test' or 'val'
@@ -300,28 +358,11 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
                      or (load_checkpoint(ref.checkpoint).get('dataset_version', '') if ref.checkpoint else ''))
     if model_version and model_version != data.version:
         warnings.warn(f"model {ref.label} was trained on dataset {model_version}, evaluated on {data.version}")
-    probs = predict_proba(net, images, batch_size)
     onnx = onnx_file(ref) if importlib.util.find_spec('onnxruntime') else None
-    cpu = next(net.parameters()).device.type == 'cpu'
-    agreement = onnx_agreement(onnx, net, images, batch_size, probs if cpu else None) if onnx else {}
-    m = classification_metrics(labels.numpy(), probs, n_bins)
-    raw = probs if uncalibrated(net) is net else predict_proba(uncalibrated(net), images, batch_size)
-    m['ece_uncalibrated'], m['calibration_bins_uncalibrated'] = calibration(raw.max(1), raw.argmax(1) == labels.numpy(),
-                                                                            n_bins)
-    m.update(temperature=float(getattr(net, 'temperature', 1.0)), **agreement)
-    if (th := getattr(net, 'reject_threshold', None)) is not None:      # what the clients answer "not sure"
-        sure = probs.max(1) >= th
-        m.update(reject_threshold=float(th), not_sure=float(1 - sure.mean()),
-                 accuracy_answered=float((probs.argmax(1) == labels.numpy())[sure].mean()) if sure.any() else 0.0)
-    m['images_per_second'] = inference_speed(net, images, batch_size)
-    out = evaluation_dir(ref, split, s); out.mkdir(parents=True, exist_ok=True)
-    figs = {'confusion_matrix': plot_confusion(m['confusion_matrix']),
-            'confusion_matrix_normalized': plot_confusion(m['confusion_matrix'], normalize=True),
-            'per_class_f1': plot_per_class_f1(m['per_class']),
-            'confident_errors': plot_confident_errors(images.squeeze(1).numpy(), labels.numpy(), probs, n_errors),
-            'reliability': plot_reliability(m['calibration_bins'], m['ece'], temperature=m['temperature'],
-                                            before=(m['calibration_bins_uncalibrated'], m['ece_uncalibrated'])
-                                            if m['temperature'] != 1 else None)}
+    probs, m = _measure(net, images, labels, batch_size, n_bins, onnx)
+    out = evaluation_dir(ref, split, s)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = _figures(m, images, labels, probs, n_errors)
     for k, fig in figs.items(): _save_figure(fig, out/f'{k}.png')
     r = {'model': ref.label, 'run_id': ref.run_id, 'split': split, 'n_images': len(labels),
          'dataset_version': data.version, 'model_dataset_version': model_version,
@@ -335,13 +376,7 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
         answers = reference_answers(predict_proba(net, val, batch_size), val.squeeze(1).numpy(),
                                     m.get('reject_threshold'))
         atomic_write(out/'reference.json', lambda f: f.write(json.dumps(answers).encode()))
-    if log_to_mlflow and run is not None:
-        try:
-            with mlflow.start_run(run_id=ref.run_id):
-                mlflow.log_metrics({r['prefix'] + k: m[k] for k in (*METRIC_KEYS, *ONNX_KEYS, *REJECT_KEYS) if k in m})
-                mlflow.set_tag(f"{r['prefix']}dataset_version", data.version)
-                mlflow.log_artifacts(str(out), out.name)
-        except MlflowException as e: raise tracking_error(mlflow.get_tracking_uri(), e) from None
+    if log_to_mlflow and run is not None: _log_evaluation(r, out, data.version)
     return r
 
 # %% ../nbs/06_evaluation.ipynb #fe46404f
@@ -361,8 +396,10 @@ def run_evaluation(model:str='',           # as for `evaluate_model`
     s = settings or Settings()
     connect_tracking(s)
     ref = model_source(model, s)                 # resolved here so that the papermill run and we agree on the model
-    out = evaluation_dir(ref, split, s); out.mkdir(parents=True, exist_ok=True)
-    out_nb = out/'evaluation.ipynb'; nb = evaluation_notebook(s)
+    out = evaluation_dir(ref, split, s)
+    out.mkdir(parents=True, exist_ok=True)
+    out_nb = out/'evaluation.ipynb'
+    nb = evaluation_notebook(s)
     try:
         run_notebook(nb, out_nb, {'model': ref.label, 'split': split, **params}, s.root, log_output)
     except pm.PapermillExecutionError as e:

@@ -30,7 +30,8 @@ def photograph(ink:np.ndarray,         # the ink on the page, 0..1 (1: full ink)
              + rng.normal(0, 4, (h, w)))
     photo = Image.fromarray(np.clip(paper*(1 - rng.uniform(0.7, 0.85)*ink), 0, 255).astype(np.uint8))
     photo = photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.2)))
-    buf = io.BytesIO(); photo.save(buf, 'JPEG', quality=quality or int(rng.integers(60, 96)))
+    buf = io.BytesIO()
+    photo.save(buf, 'JPEG', quality=quality or int(rng.integers(60, 96)))
     return Image.open(io.BytesIO(buf.getvalue()))
 
 def render_photo(digit:np.ndarray,   # an MNIST digit: 28x28, light ink on black
@@ -111,7 +112,8 @@ class BadImage(DigitError):
     def __init__(self, path,     # the input, as the message names it
                  reason:str,     # one word for the data layer's report: missing, unreadable, too_large, ...
                  why:str):       # what is wrong with it, in a few words
-        super().__init__(f"{path}: {why}"); self.reason = reason
+        super().__init__(f"{path}: {why}")
+        self.reason = reason
 
 # %% ../nbs/01_images.ipynb #5f229edf
 def input_name(x) -> str:
@@ -130,7 +132,9 @@ def _pil_to_gray(im:Image.Image, name:str, notes:list) -> np.ndarray:
     if im.getexif().get(0x0112, 1) != 1: im = ImageOps.exif_transpose(im)      # the orientation a camera recorded
     if im.mode not in _GREY: notes.append('converted_to_grayscale')
     if im.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in im.info:
-        bg = Image.new('RGBA', im.size, 'white'); bg.alpha_composite(im.convert('RGBA')); im = bg
+        bg = Image.new('RGBA', im.size, 'white')
+        bg.alpha_composite(im.convert('RGBA'))
+        im = bg
     if im.mode in _GREY[1:]:                                          # 16- or 32-bit integers, or floats
         a = np.asarray(im, np.float64)
         if not np.isfinite(a).all(): raise BadImage(name, 'unreadable', "has NaN or infinite values")
@@ -204,7 +208,8 @@ def _box_mean(g:np.ndarray, size:int) -> np.ndarray:
     "The mean of `g` over the `size` x `size` square around each pixel (running sums)."
     for _ in (0, 1):                                                  # down the columns, then (transposed) the rows
         c = np.cumsum(_mirror(g, size//2, size - 1 - size//2), 0, dtype=np.float64)
-        s = c[size - 1:size - 1 + len(g)].copy(); s[1:] -= c[:len(g) - 1]
+        s = c[size - 1:size - 1 + len(g)].copy()
+        s[1:] -= c[:len(g) - 1]
         g = (s/size).astype(g.dtype).T
     return g
 
@@ -212,7 +217,9 @@ def _box_mean(g:np.ndarray, size:int) -> np.ndarray:
 def _label(mask:np.ndarray) -> tuple:
     "`(labels, n)`: the connected pieces (4-neighbours) of 2-D boolean `mask`, numbered 1..n in raster order; 0: none."
     h, w = mask.shape
-    f = np.zeros((h, w + 1), bool); f[:, :w] = mask; f = f.ravel()       # a False column ends each row's last run
+    f = np.zeros((h, w + 1), bool)
+    f[:, :w] = mask
+    f = f.ravel()       # a False column ends each row's last run
     run = np.cumsum(f & ~np.concatenate(([False], f[:-1])))*f           # the runs of ink along rows, numbered 1..R
     if not run.any(): return np.zeros((h, w), np.int64), 0
     run = run.reshape(h, w + 1)[:, :w]
@@ -243,7 +250,12 @@ def _shift(a:np.ndarray, dy:int, dx:int) -> np.ndarray:
 def _grow(m:np.ndarray, steps:int) -> np.ndarray:
     "Boolean mask `m` grown `steps` times by a pixel up, down, left and right."
     for _ in range(steps):
-        g = m.copy(); g[1:] |= m[:-1]; g[:-1] |= m[1:]; g[:, 1:] |= m[:, :-1]; g[:, :-1] |= m[:, 1:]; m = g
+        g = m.copy()
+        g[1:] |= m[:-1]
+        g[:-1] |= m[1:]
+        g[:, 1:] |= m[:, :-1]
+        g[:, :-1] |= m[:, 1:]
+        m = g
     return m
 
 # %% ../nbs/01_images.ipynb #5947e3e2
@@ -262,7 +274,9 @@ def ink_on_dark(g:np.ndarray) -> np.ndarray:
 def _otsu(v:np.ndarray) -> float:
     hist = np.bincount(np.clip(v, 0, 255).astype(np.uint8).ravel(), minlength=256)
     p, mids = hist/max(hist.sum(), 1), np.arange(256) + 0.5
-    w0 = np.cumsum(p); m0 = np.cumsum(p*mids); mt = m0[-1]
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p*mids)
+    mt = m0[-1]
     between = (mt*w0 - m0)**2/np.maximum(w0*(1 - w0), 1e-12)
     return float(mids[np.argmax(between)])
 
@@ -325,7 +339,8 @@ def fit_and_centre(crop:np.ndarray,   # the ink, cropped to its bounding box (`c
                    size:int=28,       # the side of the square result
                   ) -> np.ndarray:
     "`crop` resized to fit `box` x `box` (aspect kept), in `size` x `size` with its centre of mass in the middle."
-    h, w = crop.shape; s = box/max(h, w)
+    h, w = crop.shape
+    s = box/max(h, w)
     nh, nw = max(1, round(h*s)), max(1, round(w*s))
     resample = Image.BOX if s < 1 else Image.BILINEAR
     small = np.asarray(Image.fromarray(crop.astype(np.float32)).resize((nw, nh), resample))
@@ -352,12 +367,15 @@ def _to_mnist(x, name:str, doubts:list|None=None) -> tuple:
     notes = []
     g = _to_gray(x, name, notes)
     if g.max() - g.min() < 16: raise BadImage(name, 'blank', "blank image (no ink found)")
-    if _dark_on_light(g): g = 255 - g; notes.append('inverted')
+    if _dark_on_light(g):
+        g = 255 - g
+        notes.append('inverted')
     if g.shape == (28, 28) and is_mnist_form(a := np.clip(g.round(), 0, 255).astype(np.uint8)):
         if doubts is not None: doubts.append(ink_doubt(a.astype(np.float32)))
         return a, notes
     notes.append('resized')
-    ink = remove_background(g); pieces = _pieces(ink)
+    ink = remove_background(g)
+    pieces = _pieces(ink)
     try: crop = crop_to_ink(ink, pieces=pieces)
     except DigitError: raise BadImage(name, 'blank', "blank image (no ink found)") from None
     if doubts is not None: doubts.append(ink_doubt(ink, pieces))     # `to_mnist_checked` asks for it

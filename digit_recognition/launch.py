@@ -124,14 +124,17 @@ def _fit_worker(plan:dict|None,  # node 0: `params`, `out`, `state`, `run_id`, `
     "One process of a data-parallel run (`launch_fit` starts them): join the group, take rank 0's plan, `fit`."
     import signal, torch.distributed as dist
     rank, local, dev = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), get_device(device)
-    if dev.type == 'cuda': dev = torch.device('cuda', local); torch.cuda.set_device(dev)
+    if dev.type == 'cuda':
+        dev = torch.device('cuda', local)
+        torch.cuda.set_device(dev)
     elif 'OMP_NUM_THREADS' not in os.environ:        # the cores shared out, not each process using all of them
         cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores//int(os.environ['LOCAL_WORLD_SIZE'])))
     dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', device_id=dev if dev.type == 'cuda' else None)
     try:
         box = [plan if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0, device=dev); plan = box[0]
+        dist.broadcast_object_list(box, src=0, device=dev)
+        plan = box[0]
         p, data = TrainParams(**plan['params']), load_cleaned(splits=('train', 'val'))
         if data.version != plan['dataset_version']:
             raise DigitError(f"dataset: version {data.version} on {socket.gethostname()}, but the run trains on "
@@ -142,7 +145,8 @@ def _fit_worker(plan:dict|None,  # node 0: `params`, `out`, `state`, `run_id`, `
                  state=plan['state'])
         return st if rank == 0 else {'run_id': plan['run_id']}
     except KeyboardInterrupt:          # Ctrl-C reaches every process (and the engine repeats it): the kernel says it
-        signal.signal(signal.SIGINT, signal.SIG_IGN); raise SystemExit(130) from None
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SystemExit(130) from None
     finally: dist.destroy_process_group()
 
 # %% ../nbs/05c_launch.ipynb #3dcea176
@@ -250,9 +254,11 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings,
             return report(m, e) if report else None
         st = fit(net, data, out, params, on_epoch=on_epoch, state=state)
     if st.get('stopped'):
-        mlflow.set_tag('pruned', 'true'); print(f"pruned after epoch {st['stopped']} (the study's pruner)", flush=True)
+        mlflow.set_tag('pruned', 'true')
+        print(f"pruned after epoch {st['stopped']} (the study's pruner)", flush=True)
     fig = plot_curves(st['history'], f"run {mlflow.active_run().info.run_id}")
-    fig.savefig(out/'curves.png', dpi=100); plt.close(fig)
+    fig.savefig(out/'curves.png', dpi=100)
+    plt.close(fig)
     mlflow.log_artifact(str(out/'curves.png'))
     mlflow.log_metrics({'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch']})
     cal = finish_checkpoint(out, data, params, s)
@@ -295,14 +301,16 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     try:
         run = mlflow.start_run(run_id=run_id or None, run_name=run_name or None)
     except Exception as e: raise tracking_error(uri, e) from None
-    rid = run.info.run_id; out = results/rid
+    rid = run.info.run_id
+    out = results/rid
     try:
         with run:
             try: st = _record_training(net, data, out, p, state, dev, s, trial, dist)
             except KeyboardInterrupt:                   # (under digit-train, which made the run, it says so)
                 if not run_id: print(f"interrupted; the last completed epoch is in {out/'last.pt'}; continue with "
                                      f"resume='{rid}'", flush=True)
-                mlflow.end_run('KILLED'); raise
+                mlflow.end_run('KILLED')
+                raise
     except MlflowException as e:
         raise DigitError(f"{tracking_error(uri, e)}; the checkpoint so far is kept in {out}") from None
     result = {'run_id': rid, 'best_val_accuracy': st['best_val_accuracy'], 'best_epoch': st['best_epoch'],
@@ -350,6 +358,20 @@ def add_distributed_flags(parser:argparse.ArgumentParser, settings:Settings|None
                             else 'N', help=f"{h} (default: {d[k]!r}, [distributed] {k})")
     return parser
 
+# %% ../nbs/05c_launch.ipynb #7f195080
+def _open_run(client, uri:str, opts:dict, s:Settings, results:Path, given:dict|None, tags:dict|None,
+              parent_run_id:str) -> str:
+    "The id of the run to train in: the resumed one (checked against `given`), else a new one in the experiment."
+    from mlflow.exceptions import MlflowException
+    try:
+        exp = use_experiment(opts['experiment'] or s.get('mlflow', 'experiment'), uri)
+        mark_stale_runs(client, exp.experiment_id)
+        if opts['resume']: return _check_resume(opts['resume'], given, results, client, uri)
+        tags = {'mlflow.source.name': 'nbs/05c_launch.ipynb', 'mlflow.source.type': 'NOTEBOOK', **(tags or {})}
+        if parent_run_id: tags['mlflow.parentRunId'] = parent_run_id
+        return client.create_run(exp.experiment_id, run_name=opts['run_name'] or None, tags=tags).info.run_id
+    except MlflowException as e: raise tracking_error(uri, e) from None
+
 # %% ../nbs/05c_launch.ipynb #144b9eaf
 def _check_resume(resume:str, given:dict|None, results:Path, client, uri:str) -> str:
     "The run id to resume: its checkpoint is readable, the tracking server has the run, `given` doesn't contradict it."
@@ -387,16 +409,9 @@ def run_training(params:dict,              # `TrainParams` fields (the others: s
     if dist['node_rank']: return join_training(tp.device, **dist)   # another machine's processes: node 0 records
     uri = connect_tracking(s)
     client = mlflow.MlflowClient(uri)
-    try:
-        exp = use_experiment(opts['experiment'] or s.get('mlflow', 'experiment'), uri)
-        mark_stale_runs(client, exp.experiment_id)
-        if opts['resume']: rid = _check_resume(opts['resume'], given, results, client, uri)
-        else:
-            tags = {'mlflow.source.name': 'nbs/05c_launch.ipynb', 'mlflow.source.type': 'NOTEBOOK', **(tags or {})}
-            if parent_run_id: tags['mlflow.parentRunId'] = parent_run_id
-            rid = client.create_run(exp.experiment_id, run_name=opts['run_name'] or None, tags=tags).info.run_id
-    except MlflowException as e: raise tracking_error(uri, e) from None
-    out_nb = results/'notebooks'/f"{rid}.ipynb"; out_nb.parent.mkdir(parents=True, exist_ok=True)
+    rid = _open_run(client, uri, opts, s, results, given, tags, parent_run_id)
+    out_nb = results/'notebooks'/f"{rid}.ipynb"
+    out_nb.parent.mkdir(parents=True, exist_ok=True)
     os.environ['DIGIT_TEXT_PROGRESS'] = '1' if sys.stderr.isatty() else 'log'
     def fail(status, msg):
         try:
@@ -429,7 +444,8 @@ def digit_train(quiet:bool=False,  # don't stream the notebook's output
     given = {k: v for k, v in params.items() if v is not None}
     res = run_training(params, log_output=not quiet, given=given, distributed=dist)
     if res.get('node_rank'):
-        print(f"node {res['node_rank']}: trained its share of run {res['run_id']} (node 0 keeps the run)"); return
+        print(f"node {res['node_rank']}: trained its share of run {res['run_id']} (node 0 keeps the run)")
+        return
     print(f"run {res['run_id']}: best val_accuracy {res['best_val_accuracy']:.4f} at epoch {res['best_epoch']}")
     print(f"  checkpoint        {res['checkpoint']}")
     print(f"  executed notebook {res['notebook']}")

@@ -34,12 +34,14 @@ class ServiceMetrics:
 
     def loaded(self, name, version):
         "The model answering is now `name` version `version`."
-        self.model.clear(); self.model.labels(name or '', version or '').set(1)
+        self.model.clear()
+        self.model.labels(name or '', version or '').set(1)
 
 # %% ../nbs/07b_metrics.ipynb #d9da4f48
 def scrape(metrics:ServiceMetrics) -> tuple:
     "`(body, content type)` of `/metrics`: this process's metrics, or every worker's in multiprocess mode."
     if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
-        r = CollectorRegistry(); multiprocess.MultiProcessCollector(r)
+        r = CollectorRegistry()
+        multiprocess.MultiProcessCollector(r)
         return generate_latest(r), CONTENT_TYPE_LATEST
     return generate_latest(metrics.registry), CONTENT_TYPE_LATEST

@@ -70,7 +70,8 @@ def log_model(checkpoint,              # the run's `best.pt`
     artifacts = {'checkpoint': str(checkpoint), **({'onnx': str(onnx)} if onnx else {})}
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        code = Path(d)/'digit_model.py'; code.write_text(MODEL_CODE)
+        code = Path(d)/'digit_model.py'
+        code.write_text(MODEL_CODE)
         return mlflow.pyfunc.log_model(name='model', python_model=str(code), artifacts=artifacts,
                                        signature=infer_signature(x, y), input_example=x, metadata=facts,
                                        code_paths=[str(Path(digit_recognition.__file__).parent)],

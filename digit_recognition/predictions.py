@@ -95,7 +95,8 @@ class PredictionLog:
 
     def start(self) -> 'PredictionLog':
         "Start the writing thread."
-        self.thread = threading.Thread(target=self._run, name='prediction-log', daemon=True); self.thread.start()
+        self.thread = threading.Thread(target=self._run, name='prediction-log', daemon=True)
+        self.thread.start()
         return self
 
     def add(self, row:dict):
@@ -133,7 +134,9 @@ def _run(self:PredictionLog):
 def _write(self:PredictionLog, rows:list):
     try:
         with self.engine.begin() as c: c.execute(PREDICTIONS.insert(), rows)
-        if self.error: log.warning("prediction log %s: writing again", redact(self.url)); self.error = None
+        if self.error:
+            log.warning("prediction log %s: writing again", redact(self.url))
+            self.error = None
     except Exception as e: self._failed(len(rows), first_line(e))
     finally:
         with self.lock:

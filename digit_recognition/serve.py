@@ -97,11 +97,14 @@ class ModelSlot:
             new = self._load(replace(src, label=target))
         except Exception as e:               # whatever a broken version raises: one line, the current model kept
             msg = str(e) if isinstance(e, DigitError) else f"model: cannot load {target} ({first_line(e)})"
-            if raise_errors: self.error = msg; raise DigitError(msg) from None
+            if raise_errors:
+                self.error = msg
+                raise DigitError(msg) from None
             if msg != self.error:                                       # once, not at every look at the registry
                 log.error("%s%s", msg, f"; still answering with version {self.current.card['version']}"
                           if self.current else '')
-            self.error = msg; return False
+            self.error = msg
+            return False
         old, self.current, self.error = self.current, new, None
         if self.on_change: self.on_change(new.card, old.card if old else None)
         if old: log.warning("model: %s now answers with version %s (was %s)", self.source, new.card['version'],
@@ -115,7 +118,8 @@ class ModelSlot:
         "Refresh every `seconds` in a daemon thread until `stop` is set."
         def loop():
             while not stop.wait(seconds): self.refresh()
-        t = threading.Thread(target=loop, name='model-refresh', daemon=True); t.start()
+        t = threading.Thread(target=loop, name='model-refresh', daemon=True)
+        t.start()
         return t
 
 # %% ../nbs/08_serve.ipynb #f38a4821
@@ -256,7 +260,9 @@ def correct(self:Recorder, c:Correction) -> dict:
     except Exception as e:
         raise problem(503, f"feedback: the prediction log cannot be read ({first_line(e)})") from None
     try: saved = self.store.save(row, digit) is not None
-    except OSError as e: log.error("feedback: cannot keep the image (%s)", first_line(e)); saved = False
+    except OSError as e:
+        log.error("feedback: cannot keep the image (%s)", first_line(e))
+        saved = False
     if new: self.metrics.corrections.labels('not sure' if row['digit'] is None else str(row['digit']),
                                             'not a digit' if c.digit is None else str(c.digit)).inc()
     return {'prediction_id': row['id'], 'answered': row['digit'], 'corrected': c.digit, 'saved': saved}
@@ -314,7 +320,9 @@ def _info_routes(app:FastAPI, slot:ModelSlot, keep:Recorder, html:str):
     def model(): return _current(slot).card
 
     @app.get('/metrics', include_in_schema=False)
-    def metrics(): body, ctype = scrape(keep.metrics); return Response(body, media_type=ctype)
+    def metrics():
+        body, ctype = scrape(keep.metrics)
+        return Response(body, media_type=ctype)
 
 # %% ../nbs/08_serve.ipynb #632ebed0
 def _answer_routes(app:FastAPI, slot:ModelSlot, keep:Recorder, limits:Limits):
@@ -373,7 +381,8 @@ def create_app(slot:ModelSlot|None=None,          # the model; None: `[serve] mo
         if slot.current is None: threading.Thread(target=slot.refresh, daemon=True).start()
         if slot.alias and reload > 0: slot.watch(reload, stop)
         yield
-        stop.set(); await run_in_threadpool(keep.close)
+        stop.set()
+        await run_in_threadpool(keep.close)
 
     app = FastAPI(title='digit-recognition', version=__version__, lifespan=lifespan, description=
                   "Reads handwritten digits from pictures. `POST /predict` takes one image (a file in a multipart "
@@ -419,7 +428,8 @@ def digit_serve(model:str=None,        # a models:/ URI, run id, runs:/ URI, run
         if v is not None: os.environ[f"DIGIT_SERVE_{k.upper()}"] = str(v).lower() if isinstance(v, bool) else str(v)
     s = Settings()
     port, workers = s.number('serve', 'port', 1, 65535), s.number('serve', 'workers', 1)   # flags or settings: checked
-    s.number('serve', 'reload_seconds', 0, kind=float); Limits.from_settings(s)
+    s.number('serve', 'reload_seconds', 0, kind=float)
+    Limits.from_settings(s)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s:     %(message)s')
     import uvicorn
     host = s.get('serve', 'host')

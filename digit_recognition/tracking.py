@@ -48,7 +48,8 @@ def _dagshub(s:Settings):
     dagshub.auth.add_app_token(token)
     owner, name = repo.split('/', 1)
     dagshub.init(repo_owner=owner, repo_name=name, mlflow=True)
-    os.environ.setdefault('MLFLOW_TRACKING_USERNAME', owner); os.environ.setdefault('MLFLOW_TRACKING_PASSWORD', token)
+    os.environ.setdefault('MLFLOW_TRACKING_USERNAME', owner)
+    os.environ.setdefault('MLFLOW_TRACKING_PASSWORD', token)
 
 # %% ../nbs/04_tracking.ipynb #4ef5f809
 def tracking_error(uri:str, e:Exception) -> DigitError:
@@ -65,7 +66,8 @@ def _init_store(uri:str):
     if not uri.startswith('sqlite:///'): return
     import mlflow
     from filelock import FileLock
-    db = Path(uri.removeprefix('sqlite:///')); db.parent.mkdir(parents=True, exist_ok=True)
+    db = Path(uri.removeprefix('sqlite:///'))
+    db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db}.lock"): mlflow.MlflowClient(uri).search_experiments(max_results=1)
 
 # %% ../nbs/04_tracking.ipynb #994c254e
@@ -73,11 +75,14 @@ def connect_tracking(settings:Settings|None=None) -> str:
     "Configure MLflow from settings, `.env` and the environment; check a remote server answers. Returns the URI."
     import mlflow     # imported where used, as in every module that `fit` needs: those import without MLflow
     s = settings or Settings()
-    s.export_env(); _dagshub(s)
+    s.export_env()
+    _dagshub(s)
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '2')
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR', '1')
     os.environ.setdefault('MLFLOW_HTTP_REQUEST_TIMEOUT', '30')
-    uri = move_credentials(tracking_uri(s)); _init_store(uri); mlflow.set_tracking_uri(uri)
+    uri = move_credentials(tracking_uri(s))
+    _init_store(uri)
+    mlflow.set_tracking_uri(uri)
     if uri.startswith(('http://', 'https://')):
         try: mlflow.MlflowClient(uri).search_experiments(max_results=1)
         except Exception as e: raise tracking_error(uri, e) from None
@@ -121,7 +126,8 @@ def mark_stale_runs(client, experiment_id:str) -> list:
         pid = int(r.data.tags.get('pid') or 0)
         if pid <= 0 or process_alive(pid): continue
         client.set_tag(r.info.run_id, 'stale', f"process {pid} on {host} ended without finishing the run")
-        client.set_terminated(r.info.run_id, 'KILLED'); stale.append(r.info.run_id)
+        client.set_terminated(r.info.run_id, 'KILLED')
+        stale.append(r.info.run_id)
     return stale
 
 # %% ../nbs/04_tracking.ipynb #bb3e1f8f

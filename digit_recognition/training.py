@@ -64,10 +64,13 @@ def evaluate(model:nn.Module,      # the classifier; left in eval mode
     "Mean cross-entropy `loss` and `accuracy` of `model` on uint8 images `x` and labels `y`."
     device = device or next(model.parameters()).device
     cl = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    model.eval(); loss = correct = 0.
+    model.eval()
+    loss = correct = 0.
     for idx in batch_indices(len(y), batch_size):
-        out = model(prep_images(x[idx], device, cl)); t = y[idx].to(device)
-        loss += F.cross_entropy(out, t, reduction='sum').item(); correct += (out.argmax(1) == t).sum().item()
+        out = model(prep_images(x[idx], device, cl))
+        t = y[idx].to(device)
+        loss += F.cross_entropy(out, t, reduction='sum').item()
+        correct += (out.argmax(1) == t).sum().item()
     return {'loss': loss/len(y), 'accuracy': correct/len(y)}
 
 # %% ../nbs/05_training.ipynb #ed52be7e
@@ -105,7 +108,8 @@ def train_epoch(model,                      # the classifier, on the device to t
     device = next(model.parameters()).device
     cl = any(isinstance(m, nn.Conv2d) for m in model.modules())
     aug = generator if aug_generator is None else aug_generator
-    model.train(); loss_sum = correct = n = 0
+    model.train()
+    loss_sum = correct = n = 0
     bar = progress_bar(batch_indices(len(y), batch_size, generator, *rank_world), desc=desc, leave=False,
                        mininterval=0.5,
                        disable=rank_world[1] > 1)     # several processes: the epoch lines only (see `launch_fit`)
@@ -114,12 +118,17 @@ def train_epoch(model,                      # the classifier, on the device to t
         k = round(outlier_share*len(idx)) if outliers is not None else 0
         if k: xb = torch.cat([xb, prep_images(outliers[torch.randint(len(outliers), (k,), generator=aug)], device, cl)])
         if augment: xb = augment_batch(xb, generator=aug)
-        out = model(xb); loss = F.cross_entropy(out[:len(idx)], yb, label_smoothing=label_smoothing)
+        out = model(xb)
+        loss = F.cross_entropy(out[:len(idx)], yb, label_smoothing=label_smoothing)
         if k: loss = loss + outlier_weight*uniform_loss(out[len(idx):])
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         if sched is not None: sched.step()
         if ema is not None: ema.update_parameters(model)
-        loss_sum += loss.item()*len(idx); correct += (out[:len(idx)].argmax(1) == yb).sum().item(); n += len(idx)
+        loss_sum += loss.item()*len(idx)
+        correct += (out[:len(idx)].argmax(1) == yb).sum().item()
+        n += len(idx)
         bar.set_postfix(loss=f"{loss_sum/n:.4f}", acc=f"{correct/n:.4f}", refresh=False)
     return {'loss': loss_sum/n, 'accuracy': correct/n}
 
@@ -179,7 +188,8 @@ def model_from_checkpoint(path,   # a `best.pt` or `last.pt`, or the dict `load_
                          ) -> nn.Module:
     "Rebuild the model saved in a `best.pt` (or `last.pt`) checkpoint, in eval mode."
     ck = path if isinstance(path, dict) else load_checkpoint(path)
-    m = get_model(ck['params']['model']); m.load_state_dict(ck['model'])
+    m = get_model(ck['params']['model'])
+    m.load_state_dict(ck['model'])
     return m.eval()
 
 # %% ../nbs/05_training.ipynb #887d8811
@@ -218,7 +228,8 @@ class TrainParams:
 
     def check(self):
         "Raise a one-line `DigitError` for a value that cannot work."
-        get_model(self.model); get_device(self.device)
+        get_model(self.model)
+        get_device(self.device)
         for k in ('lr', 'weight_decay', 'label_smoothing', 'outlier_share', 'outlier_weight', 'reject_rate', 'ema'):
             v = getattr(self, k)
             if not math.isfinite(v): raise DigitError(f"{k}: {v} (expected a finite number)")
@@ -234,7 +245,8 @@ class TrainParams:
         if not 0 <= self.seed < 2**32: raise DigitError(f"seed: {self.seed} (expected 0 to {2**32 - 1})")
         if not 0 <= self.label_smoothing < 1:
             raise DigitError(f"label_smoothing: {self.label_smoothing} (expected 0 to 1)")
-        pick('optimizer', self.optimizer, OPTIMIZERS); pick('schedule', self.schedule, SCHEDULES)   # names only
+        pick('optimizer', self.optimizer, OPTIMIZERS)
+        pick('schedule', self.schedule, SCHEDULES)   # names only
 
     @classmethod
     def from_settings(cls, settings:Settings|None=None, **given) -> 'TrainParams':
@@ -251,7 +263,8 @@ def _ema_update(decay:float):
     "`AveragedModel`'s update: PyTorch's EMA step with decay `min(decay, (1 + n)/(10 + n))` at the n-th update."
     from torch.optim.swa_utils import get_ema_multi_avg_fn
     def update(averaged, current, n):
-        n = int(n); get_ema_multi_avg_fn(min(decay, (1 + n)/(10 + n)))(averaged, current, n)
+        n = int(n)
+        get_ema_multi_avg_fn(min(decay, (1 + n)/(10 + n)))(averaged, current, n)
     return update
 
 def _averaged(net:nn.Module, decay:float, state:dict|None=None):
@@ -262,7 +275,7 @@ def _averaged(net:nn.Module, decay:float, state:dict|None=None):
     if state and 'ema' in state: avg.load_state_dict(state['ema'])
     return avg
 
-# %% ../nbs/05_training.ipynb #8de545e1
+# %% ../nbs/05_training.ipynb #1b24ea53
 def _on_device(model:nn.Module, data, p:TrainParams, rank:int, world:int):
     "`(model, device, train, val, pool, outliers)` for this process: its share of validation, the non-digits' pool."
     dev = get_device(p.device)
@@ -285,7 +298,16 @@ def _on_device(model:nn.Module, data, p:TrainParams, rank:int, world:int):
     if any(isinstance(m, nn.Conv2d) for m in model.modules()): model.to(memory_format=torch.channels_last)
     return model, dev, (xt, yt), (xv, yv), pool, ox
 
-# %% ../nbs/05_training.ipynb #63b1d1f5
+# %% ../nbs/05_training.ipynb #a9017957
+def _optimiser(model:nn.Module, p:TrainParams, steps:int, state:dict|None) -> tuple:
+    "`(optimiser, schedule)` of `p` for `steps` batches an epoch, restored from `state` when a run resumes."
+    opt = make_optimizer(p.optimizer, model.parameters(), p.lr, p.weight_decay)
+    sched = make_schedule(p.schedule, opt, p.lr, p.epochs*steps, steps)
+    if state:
+        opt.load_state_dict(state['optimizer'])
+        sched.load_state_dict(state['scheduler'])
+    return opt, sched
+
 def _checkpoint(out_dir:Path, p:TrainParams, data, st:dict, best:bool,
                 kept, net, avg, opt, sched,   # the model kept, the network, its average, optimiser and schedule
                 pool:dict|None):              # the non-digits trained on (their version goes in `best.pt`)
@@ -298,7 +320,7 @@ def _checkpoint(out_dir:Path, p:TrainParams, data, st:dict, best:bool,
                     params=asdict(p), dataset_version=data.version, **({'ema': cpu(avg)} if avg else {}),
                     **{k: st[k] for k in ('epoch', 'history', 'best_val_accuracy', 'best_epoch')})
 
-# %% ../nbs/05_training.ipynb #d329cc53
+# %% ../nbs/05_training.ipynb #035a37c5
 def fit(model:nn.Module,            # the network to train (from `get_model`)
         data,                       # a `CleanedData` with `train` and `val` splits
         out_dir,                    # where `best.pt` and `last.pt` go
@@ -315,16 +337,16 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
     kept = avg.module if avg else net                             # what is evaluated and saved as the model
     model = data_parallel(net, dev) if world > 1 else net
     steps = math.ceil(len(yt)/p.batch_size)                       # the same for any number of processes
-    opt = make_optimizer(p.optimizer, model.parameters(), p.lr, p.weight_decay)
-    sched = make_schedule(p.schedule, opt, p.lr, p.epochs*steps, steps)
+    opt, sched = _optimiser(model, p, steps, state)
     st = state or {'epoch': 0, 'history': [], 'best_val_accuracy': -1.0, 'best_epoch': 0}
-    if state: opt.load_state_dict(state['optimizer']); sched.load_state_dict(state['scheduler'])
     for epoch in range(st['epoch'] + 1, p.epochs + 1):
         if p.patience and epoch - st['best_epoch'] > p.patience: break
         seed = p.seed*1000 + epoch
-        seed_everything(rank_seed(seed, rank)); g = torch.Generator().manual_seed(seed)
+        seed_everything(rank_seed(seed, rank))
+        g = torch.Generator().manual_seed(seed)
         own = torch.Generator().manual_seed(rank_seed(seed, rank)) if rank else None
-        lr_now = opt.param_groups[0]['lr']; t0 = time.time()
+        lr_now = opt.param_groups[0]['lr']
+        t0 = time.time()
         tr = train_epoch(model, xt, yt, opt, sched, p.batch_size, p.augment, g, p.label_smoothing,
                          desc=f"epoch {epoch}/{p.epochs}", rank_world=(rank, world), aug_generator=own,
                          outliers=ox, outlier_share=p.outlier_share, outlier_weight=p.outlier_weight, ema=avg)
@@ -344,7 +366,9 @@ def fit(model:nn.Module,            # the network to train (from `get_model`)
             print(f"epoch {epoch}: " + ' '.join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
         stop = bool(on_epoch) and on_epoch(metrics, epoch) is True       # e.g. a pruned trial
         if world > 1: stop = rank0_says(stop, dev)
-        if stop: st['stopped'] = epoch; break
+        if stop:
+            st['stopped'] = epoch
+            break
     return st
 
 # %% ../nbs/05_training.ipynb #606f013c
@@ -355,7 +379,10 @@ def plot_curves(history:list, title:str=''):
     for ax, k in zip(axs, ('loss', 'accuracy')):
         ax.plot(ep, [h[f'train_{k}'] for h in history], 'o-', label='train')
         ax.plot(ep, [h[f'val_{k}'] for h in history], 'o-', label='validation')
-        ax.set_xlabel('epoch'); ax.set_ylabel(k); ax.grid(alpha=0.3); ax.legend()
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(k)
+        ax.grid(alpha=0.3)
+        ax.legend()
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -91,7 +91,8 @@ def storage_url(url:str='',                   # a database URL; empty: `[tune] s
     s = settings or Settings()
     url = str(url or s.get('tune', 'storage') or '')
     if not url:
-        d = s.path('paths', 'results_dir'); d.mkdir(parents=True, exist_ok=True)
+        d = s.path('paths', 'results_dir')
+        d.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{d/'optuna.db'}"
     if url.startswith(('postgresql://', 'postgres://')): url = 'postgresql+psycopg://' + url.split('://', 1)[1]
     return url
@@ -113,7 +114,9 @@ def open_storage(url:str, settings:Settings|None=None) -> optuna.storages.RDBSto
         except Exception as e:
             why = first_line(e, 200)
             # workers starting together on a new database each create its tables: the losers see them appear
-            if attempt < 3 and any(w in str(e) for w in RACING): time.sleep(0.5 + attempt); continue
+            if attempt < 3 and any(w in str(e) for w in RACING):
+                time.sleep(0.5 + attempt)
+                continue
             raise DigitError(f"storage {redact(url)}: cannot be opened ({why})") from None
 
 # %% ../nbs/09_tune.ipynb #caef2c99
@@ -136,14 +139,17 @@ class Objective:
     def __call__(self, trial:optuna.Trial) -> float:
         params = suggest(trial, self.space)
         if self.grid and _taken(trial, params):          # every combination has its trial: nothing left for this worker
-            trial.set_user_attr('surplus', True); trial.study.stop()
+            trial.set_user_attr('surplus', True)
+            trial.study.stop()
             raise optuna.TrialPruned("every combination of the grid has its trial")
         run = {'study': trial.study.study_name, 'id': trial._trial_id, 'metric': self.metric, **self.pruning}
         pid = trial.study.user_attrs.get('mlflow_parent_run_id') or self.pid      # the study's one parent
         try: r = run_training({**self.fixed, **params, 'run_name': self.name(trial, params)}, parent_run_id=pid,
                               log_output=False, settings=self.settings, trial=run if self.report else None,
                               tags={'optuna.study': trial.study.study_name, 'optuna.trial': str(trial.number)})
-        except DigitError as e: trial.set_user_attr('error', str(e)); raise
+        except DigitError as e:
+            trial.set_user_attr('error', str(e))
+            raise
         for k in ('run_id', 'best_val_accuracy', 'best_epoch', 'epochs_run'): trial.set_user_attr(k, r[k])
         if r.get('pruned'): raise optuna.TrialPruned(f"pruned after epoch {r['epochs_run']}")
         if self.metric == 'val_accuracy': return r['best_val_accuracy']
@@ -195,7 +201,10 @@ def comparison_table(rows:list, keys:list, column:str='best_val_accuracy', maxim
     val = lambda r: r[column] if isinstance(r.get(column), (int, float)) else -math.inf if maximize else math.inf
     rows = sorted(rows, key=lambda r: (order.get(r['status'], 4), -val(r) if maximize else val(r)))
     fmt = lambda r, c: f"{r[c]:.4f}" if c == column and isinstance(r.get(c), float) else str(r.get(c, ''))
-    buf = io.StringIO(); w = csv.writer(buf); w.writerow(cols); w.writerows([[fmt(r, c) for c in cols] for r in rows])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    w.writerows([[fmt(r, c) for c in cols] for r in rows])
     md = ['| ' + ' | '.join(cols) + ' |', '|' + '---|'*len(cols)]
     md += ['| ' + ' | '.join(fmt(r, c).replace('|', '/') for c in cols) + ' |' for r in rows]
     return buf.getvalue(), '\n'.join(md) + '\n', rows
@@ -208,7 +217,9 @@ def plot_comparison(rows:list, keys:list, title:str='sweep'):
     labels = [', '.join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys) for r in ok]
     ax.barh(labels[::-1], [r['best_val_accuracy'] for r in ok][::-1])
     if ok: ax.set_xlim(max(0, min(r['best_val_accuracy'] for r in ok) - 0.02), 1)
-    ax.set_xlabel('best validation accuracy'); ax.set_title(title); fig.tight_layout()
+    ax.set_xlabel('best validation accuracy')
+    ax.set_title(title)
+    fig.tight_layout()
     return fig
 
 # %% ../nbs/09_tune.ipynb #29c33386
@@ -224,7 +235,9 @@ def study_figures(study:optuna.Study) -> dict:
             try: ax = plot(study)
             except Exception: continue                       # e.g. importances of fewer than two finished trials
             fig = (ax.flat[0] if hasattr(ax, 'flat') else ax).figure
-            fig.set_size_inches(8, 5); fig.tight_layout(); out[name] = fig
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            out[name] = fig
     return out
 
 def log_study(study:optuna.Study, parent_run_id:str, keys:list, metric:str='val_accuracy') -> dict:
@@ -235,10 +248,14 @@ def log_study(study:optuna.Study, parent_run_id:str, keys:list, metric:str='val_
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = study.best_trial if done else None
     c = mlflow.MlflowClient()
-    c.log_text(parent_run_id, csv_text, 'comparison.csv'); c.log_text(parent_run_id, md, 'comparison.md')
-    fig = plot_comparison(rows, keys, study.study_name); c.log_figure(parent_run_id, fig, 'comparison.png')
+    c.log_text(parent_run_id, csv_text, 'comparison.csv')
+    c.log_text(parent_run_id, md, 'comparison.md')
+    fig = plot_comparison(rows, keys, study.study_name)
+    c.log_figure(parent_run_id, fig, 'comparison.png')
     plt.close(fig)
-    for name, fig in study_figures(study).items(): c.log_figure(parent_run_id, fig, name); plt.close(fig)
+    for name, fig in study_figures(study).items():
+        c.log_figure(parent_run_id, fig, name)
+        plt.close(fig)
     if best:
         c.log_dict(parent_run_id, {'trial': best.number, metric: best.value, 'params': best.params,
                                    'run_id': best.user_attrs.get('run_id', '')}, 'best_params.json')
@@ -303,7 +320,7 @@ def _worker(study_name:str, url:str, space:dict, fixed:dict, parent_run_id:str, 
                    callbacks=[_until(opts['trials'])] + ([] if opts.get('quiet') else [_say(keys)]))
     return _finished(study) - before
 
-# %% ../nbs/09_tune.ipynb #345679ab
+# %% ../nbs/09_tune.ipynb #8f98a1ce
 @dataclass
 class StudyPlan:
     "How a study runs: its name and storage, when it stops, how trials are chosen and pruned, what it reports."
@@ -333,7 +350,8 @@ def run_study(space:dict,                  # `{name: distribution}` (`parse_spac
     metric, jobs = p.metric, max(1, p.jobs)
     if metric not in ('val_accuracy', 'val_loss'):
         raise DigitError(f"metric: unknown '{metric}' (expected val_accuracy or val_loss)")
-    make_sampler(p.sampler, space); make_pruner(p.pruner)               # a bad name fails before anything starts
+    make_sampler(p.sampler, space)
+    make_pruner(p.pruner)               # a bad name fails before anything starts
     uri, url = connect_tracking(s), storage_url(p.storage, s)
     name_ = p.study or s.get('tune', 'study')
     direction = 'maximize' if metric == 'val_accuracy' else 'minimize'
