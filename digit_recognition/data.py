@@ -17,7 +17,6 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 from .config import Settings, DigitError, cli, atomic_write
 from .images import BadImage, read_digit_image
@@ -358,6 +357,7 @@ def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [
                  settings:Settings|None=None,  # the settings to use (default: the project's)
                 ) -> CleanedData:
     "Load `splits` of the cleaned dataset as tensors, checking each file's SHA-256 against `manifest.json`."
+    import torch     # here: `digit-data` prepares files without it, and answers a bad argument sooner
     d = (settings or Settings()).path('paths', 'cleaned_dir', cleaned_dir)
     try: manifest = json.loads((d/'manifest.json').read_text())
     except FileNotFoundError:
@@ -404,6 +404,7 @@ def show_class_samples(data:CleanedData,   # the cleaned dataset (`load_cleaned`
                        n:int=10,           # images per digit
                       ):
     "A grid with `n` examples of each digit (one row per class)."
+    import torch
     x, y = data.splits[split]
     idx = [i for c in range(10) for i in torch.nonzero(y == c).flatten()[:n].tolist()]
     return show_grid(x[idx], ncols=n, size=0.7, suptitle=f"{split}: {n} samples per class")

@@ -28,7 +28,8 @@ GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_record
           'served-model': ('tests/test_client.py::test_predict_through_a_served_model',  # served
                            'tests/test_client.py::test_served_model_checks_its_input'),
           'postgres': ('tests/test_team.py::test_two_workers_and_a_killed_one',),     # PostgreSQL, its MLflow server
-          'docker': ('tests/test_docker.py::',)}                          # one image, one engine
+          'docker': ('tests/test_docker.py::',),                          # one image, one engine
+          'docs': ('tests/test_docs.py::',)}                              # every notebook rendered once
 
 SERVER_RUN_GROUP = 'mlflow-server-a'
 
