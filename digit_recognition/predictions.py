@@ -91,6 +91,7 @@ class PredictionLog:
         self.url, self.days, self.seconds, self.on_failure = url, days, seconds, on_failure
         self.queue, self.pending, self.lock = queue.Queue(capacity), {}, threading.Lock()
         self.failures, self.error, self.stopping, self.thread, self.pruned = 0, None, threading.Event(), None, 0.0
+        self.hurry = threading.Event()  # `flush` is waiting: write without gathering more
         self.engine = open_log(url)
 
     def start(self) -> 'PredictionLog':
@@ -108,8 +109,10 @@ class PredictionLog:
             self._failed(1, f"{self.queue.maxsize:,} rows are waiting already")
 
     def flush(self):
-        "Wait until every row added so far is written (or has failed)."
-        self.queue.join()
+        "Wait until every row added so far is written (or has failed), without waiting for the batch to gather."
+        self.hurry.set()
+        try: self.queue.join()
+        finally: self.hurry.clear()
 
     def close(self):
         "Write what is queued, then stop the thread and let go of the database."
@@ -124,7 +127,12 @@ def _run(self:PredictionLog):
     while not (self.stopping.is_set() and self.queue.empty()):
         try: rows = [self.queue.get(timeout=self.seconds)]
         except queue.Empty: rows = []
-        while rows and len(rows) < 1000:
+        end = time.monotonic() + self.seconds       # then gather for `seconds`: one transaction, not one per answer
+        while rows and len(rows) < 1000 and not (self.stopping.is_set() or self.hurry.is_set()):
+            try: rows.append(self.queue.get(timeout=max(0.0, min(0.05, end - time.monotonic()))))
+            except queue.Empty:
+                if time.monotonic() >= end: break
+        while rows and len(rows) < 1000:             # and whatever else is waiting already
             try: rows.append(self.queue.get_nowait())
             except queue.Empty: break
         if rows: self._write(rows)

@@ -6,10 +6,11 @@ Docs: https://digit-recognition.github.io/digit-recognition/serve.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'ERRORS', 'ROUTES', 'SERVE_FLAGS', 'model_card', 'Loaded', 'ModelSlot', 'read_images', 'answer',
-           'predict_items', 'page_html', 'Recorder', 'Measure', 'create_app', 'app_factory', 'digit_serve']
+           'predict_items', 'page_html', 'Recorder', 'Measure', 'create_app', 'app_factory', 'listener', 'PortShare',
+           'digit_serve']
 
 # %% ../nbs/08_serve.ipynb #b9dfab44
-import collections, functools, importlib.resources, io, logging, os, threading, time
+import collections, functools, importlib.resources, io, logging, os, socket, sys, threading, time
 from fastcore.basics import patch
 import anyio
 from contextlib import asynccontextmanager
@@ -401,6 +402,34 @@ def app_factory() -> FastAPI:
     "The app as uvicorn's worker processes make it (`--workers`): from the settings, the model loaded on start."
     return create_app(settings=Settings())
 
+# %% ../nbs/08_serve.ipynb #b964e3f5
+def listener(host:str, port:int,  # the address to listen on
+             share:bool=True,     # SO_REUSEPORT: other sockets of this user may listen on it too (Linux)
+            ) -> socket.socket:
+    "A socket bound to `host:port` whose accepted connections get TCP_NODELAY (not yet listening)."
+    s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if share: s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try: s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise DigitError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return s
+
+class PortShare:
+    "In uvicorn's list of sockets for its workers: each worker, unpickling it, gets a listening socket of its own."
+    def __init__(self, host:str, port:int): self.host, self.port = host, port
+    def __reduce__(self): return listener, (self.host, self.port)
+
+    @classmethod
+    def reserve(cls, host:str, port:int):
+        "A `PortShare` of `host:port` once it is checked free and held (bound, never listening); None off Linux."
+        if not (sys.platform.startswith('linux') and hasattr(socket, 'SO_REUSEPORT')): return None
+        listener(host, port, share=False).close()      # nobody listens there, not even with SO_REUSEPORT
+        cls._held = listener(host, port)               # bound but not listening: the kernel gives it no connection
+        return cls(host, port)
+
 # %% ../nbs/08_serve.ipynb #df2f5863
 SERVE_FLAGS = ('model', 'host', 'port', 'workers', 'reload_seconds', 'access_log', 'prediction_log')
 
@@ -439,16 +468,13 @@ def digit_serve(model:str=None,        # a models:/ URI, run id, runs:/ URI, run
           f" with {c['backend']} on http://{host}:{port} (drawing pad: /, API docs: /docs)", flush=True)
     log_access = bool(s.get('serve', 'access_log'))
     if workers == 1: return uvicorn.run(create_app(slot, s), host=host, port=port, access_log=log_access)
-    # uvicorn.run's own path for workers, with one change: the shared listening socket gets TCP_NODELAY, which the
-    # connections accepted on it inherit (uvicorn leaves it off there: every keep-alive answer then waits ~40 ms for
-    # the client's delayed ACK; Kludex/uvicorn#3149)
-    import socket, tempfile
+    # uvicorn.run's own path for workers, with one change: each worker listens on a socket of its own (`PortShare`)
+    import tempfile
     from uvicorn.supervisors import Multiprocess
     # each worker counts in files here and /metrics adds them up (prometheus-client's multiprocess mode; the workers
     # are new interpreters, which read this when they import the library)
     os.environ['PROMETHEUS_MULTIPROC_DIR'] = tempfile.mkdtemp(prefix='digit-serve-metrics-')
     config = uvicorn.Config('digit_recognition.serve:app_factory', factory=True, host=host, port=port,
                             workers=workers, access_log=log_access)
-    sock = config.bind_socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    Multiprocess(config, sockets=[sock]).run()
+    share = PortShare.reserve(host, port)
+    Multiprocess(config, sockets=[share if share else listener(host, port, share=False)]).run()
