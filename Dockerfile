@@ -12,31 +12,28 @@
 #   docker build --build-arg TORCH_INDEX= --build-arg BASE_IMAGE=my-python:3.11 -t digit-recognition .
 ARG BASE_IMAGE=python:3.11-slim
 
-# --- build: install the package and its dependencies into a virtual environment -------------------------------
-FROM ${BASE_IMAGE} AS build
+# One stage: nothing is compiled, so a second stage would only copy the virtual environment (most of the image,
+# bench/results/docker_image.md) into a layer of its own: twice the space on the building host for the same image.
+FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_INDEX_URL
 ARG PIP_FIND_LINKS
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg \
+    MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db \
+    DIGIT_SERVE_HOST=0.0.0.0
 WORKDIR /app
 RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
 # PyTorch's CPU wheels keep the image small (the default wheels bundle CUDA); the same step as `make setup TORCH_INDEX=...`,
 # at the versions the tests passed on (constraints.txt), in a layer of its own that later builds reuse.
 COPY constraints.txt ./
 RUN python -m pip install --quiet -c constraints.txt torch torchvision ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
-COPY pyproject.toml README.md settings.ini ./
-COPY digit_recognition/ digit_recognition/
-RUN python -m pip install --quiet -c constraints.txt '.[train,serve]'
-
-# --- runtime: the virtual environment (the package carries the notebooks papermill runs) and a non-root user ----
-FROM ${BASE_IMAGE} AS runtime
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MPLBACKEND=Agg \
-    MLFLOW_TRACKING_URI=sqlite:////app/runs/mlflow.db \
-    DIGIT_SERVE_HOST=0.0.0.0
+# The package (it carries the notebooks papermill runs), installed from a folder that is then removed, and a
+# non-root user.
+COPY pyproject.toml README.md settings.ini /tmp/src/
+COPY digit_recognition/ /tmp/src/digit_recognition/
+RUN python -m pip install --quiet -c constraints.txt '/tmp/src[train,serve]' && rm -rf /tmp/src constraints.txt
 RUN useradd --create-home --uid 1000 digits
-WORKDIR /app
-COPY --from=build /opt/venv /opt/venv
 COPY --chown=digits:digits settings.ini ./
 COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/digit-entrypoint
 # The folders are the user's, and writable by any uid (`--user`) in an image of its own.

@@ -4,7 +4,7 @@ bench/results/docker_image.{json,md}.
 
     python bench/docker_image.py [IMAGE]
 """
-import json, subprocess, sys
+import json, re, subprocess, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from results import save
@@ -22,7 +22,8 @@ def layers(image:str) -> list:
     for l in reversed(docker('history', '--no-trunc', '--human=false', '--format', '{{json .}}', image).splitlines()):
         h = json.loads(l)
         mb = int(h['Size'])/1e6
-        step = ' '.join(h['CreatedBy'].split())[:90] or 'the base image (BASE_IMAGE)'
+        step = re.sub(r'^RUN \|\d+ (\S+=\S* )*/bin/sh -c ', 'RUN ', ' '.join(h['CreatedBy'].split()))  # no ARGs
+        step = step[:90] or 'the base image (BASE_IMAGE)'
         if mb >= 0.1: out.append((step, round(mb, 1)))
     return out
 
@@ -51,12 +52,12 @@ if __name__ == '__main__':
     size = lambda i: round(int(docker('image', 'inspect', '--format', '{{.Size}}', i))/1e6)
     rows = layers(image)
     total = size(image)
-    venv_mb = next((mb for step, mb in rows if 'venv' in step and 'COPY' in step), None)
+    venv_mb = round(sum(mb for step, mb in rows if 'pip install' in step), 1)
     parts = venv_parts(image)
     rows += [(f"  of which site-packages: {k}", mb) for k, mb in parts.items()]
     save('docker_image', rows + [('the image, in all', total)], ['layer (the step that made it)', 'MB'],
-         notes=[f"`{image}`: {total} MB. The runtime stage is the base image, the virtual environment copied from the "
-                "build stage (torch, torchvision and the project's dependencies) and the project's few files.",
+         notes=[f"`{image}`: {total} MB: the base image, the virtual environment ({venv_mb} MB: torch and "
+                "torchvision in a layer of their own, then the project and its dependencies) and a few small files.",
                 "Built here with torch from the default package index (its CUDA wheels: download.pytorch.org, the "
                 "CPU index, is not reachable from this machine), so the size with CPU wheels is not measured here; "
                 f"NVIDIA's libraries and triton, which the CPU wheels do not bring, are "

@@ -1,5 +1,6 @@
 """The Docker image, built and run for real (issue 24): the Dockerfile builds (on the CPU torch index where it is
-reachable, else on the default index with torch's wheels downloaded once into a folder that later builds reuse);
+reachable, else on the default index with torch's wheels served from a folder on this host, filled only when the
+image's torch layer is not cached);
 `digit-pipeline` runs in it on bind-mounted host folders that docker creates as root, MNIST mounted read-only and
 no network, and gets the host's dataset version; `digit-predict` reads a mounted folder; `digit-serve` answers
 /health and a prediction and docker reports the container healthy; the commands run as uid 1000, not root; a folder
@@ -8,7 +9,8 @@ the chosen user cannot write is one line.
 The engine: the one the docker CLI reaches; else, as root where Debian's `dockerd` is installed, one started for
 this module (its images and layers kept in /var/tmp/digit-docker between runs, so later builds are cached) and
 stopped at the end. The base image: `python:3.11-slim` when the engine has it, else one made from Debian's packages
-by docker/debian-base.sh (debootstrap; built once, kept). Skipped, with the reason, where none of this is possible."""
+by docker/debian-base.sh (debootstrap; built once, kept). Skipped, with the reason, where none of this is possible
+or where the disk has no room for a first build (about NEED_GB GB: a full disk would fail every other test)."""
 import http.server, json, os, re, shutil, signal, subprocess, threading, time, urllib.request
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,7 @@ from helpers import ROOT, free_port
 pytestmark = pytest.mark.slow
 CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data, wheels: kept
 IMAGE = 'digit-recognition:test'
+NEED_GB = 15                # a first build's peak, measured here: 12 GB (wheels, pip's copy, the venv)
 TINY = ['--epochs', '1', '--max-train-samples', '3000', '--min-accuracy', '0.5']
 
 
@@ -102,17 +105,28 @@ def reachable(url) -> bool:
 
 @pytest.fixture(scope='module')
 def torch_source():
-    """Build arguments for torch: the CPU index where it is reachable; else the default index, with torch's wheels
-    (at constraints.txt's versions) downloaded once into a folder served to the build over HTTP (PIP_FIND_LINKS)."""
+    """Build arguments for torch: the CPU index where it is reachable; else the default index, with torch's wheels (at
+    constraints.txt's versions) served to the build over HTTP (PIP_FIND_LINKS) from a folder they are downloaded into
+    when the build first asks for them, that is, only when the image's torch layer is not cached."""
     if reachable('https://download.pytorch.org/whl/cpu/'): yield []; return
-    wheels = CACHE/'wheels'; wheels.mkdir(parents=True, exist_ok=True)
+    wheels, lock = CACHE/'wheels', threading.Lock()
     pins = [l.strip() for l in (ROOT/'constraints.txt').read_text().splitlines()
             if l.startswith(('torch==', 'torchvision=='))]
-    r = subprocess.run([ROOT/'.venv/bin/python', '-m', 'pip', 'download', '--quiet', '-d', wheels, *pins,
-                        '-c', ROOT/'constraints.txt'], capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stderr[-2000:]
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(wheels))
-    handler.log_message = lambda *a: None
+    def download():
+        with lock:
+            if (wheels/'.complete').exists(): return
+            wheels.mkdir(parents=True, exist_ok=True)
+            r = subprocess.run([ROOT/'.venv/bin/python', '-m', 'pip', 'download', '--quiet', '-d', wheels, *pins,
+                                '-c', ROOT/'constraints.txt'], capture_output=True, text=True, timeout=1200)
+            assert r.returncode == 0, f"pip download {' '.join(pins)}: {r.stderr[-2000:]}"
+            (wheels/'.complete').touch()
+    class Wheels(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            try: download()
+            except AssertionError as e: self.send_error(500, str(e)[-300:]); return
+            super().do_GET()
+        def log_message(self, *a): pass
+    handler = partial(Wheels, directory=str(wheels))
     try: srv = http.server.ThreadingHTTPServer(('127.0.0.1', 48765), handler)   # one URL: the layer stays cached
     except OSError: srv = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -120,11 +134,24 @@ def torch_source():
     srv.shutdown()
 
 
+def room_to_build(engine) -> None:
+    """Skip, with the numbers, where the disk holding the engine's data has too little room to build the image: a full
+    disk would break every other test running beside this module. A first build needs about NEED_GB (torch's wheels,
+    pip's copy of them in the build, the installed environment); a rebuild on cached layers, far less."""
+    built = engine('image', 'inspect', IMAGE, check=False).returncode == 0
+    root = engine('info', '--format', '{{.DockerRootDir}}').stdout.strip()
+    need, free = (3 if built else NEED_GB), shutil.disk_usage(root if os.path.isdir(root) else CACHE).free/1e9
+    if free < need: pytest.skip(f"building {IMAGE} needs about {need} GB free on {root}; {free:.1f} GB are")
+
+
 @pytest.fixture(scope='module')
 def image(engine, base_image, torch_source):
-    "The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder)."
-    engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
-           ROOT, timeout=1800)
+    """The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder).
+    The wheels are removed once it is built: its torch layer stays cached, and they are 4 GB."""
+    room_to_build(engine)
+    try: engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
+                ROOT, timeout=1800)
+    finally: shutil.rmtree(CACHE/'wheels', ignore_errors=True)
     return IMAGE
 
 
