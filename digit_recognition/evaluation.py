@@ -330,7 +330,7 @@ def _log_evaluation(r:dict, out:Path, version:str):
 
 # %% ../nbs/06_evaluation.ipynb #5a690c52
 def _save_figure(fig, path:Path):
-    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))   # 72-100 dpi: small artifacts
     plt.close(fig)
 
 def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` URI, or checkpoint; '': the latest run
