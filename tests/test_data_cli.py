@@ -23,6 +23,7 @@ def one_line_error(r, *words):
     for w in words: assert w in lines[0], lines[0]
 
 
+@pytest.mark.slow            # three builds of the whole MNIST
 def test_mnist_dir_builds_then_reuses(tmp_path, run_cli, mnist_dir):
     env = tmp_env(tmp_path, MNIST_DIR=str(mnist_dir))
     r = run_cli('digit-data', env=env, check=0)

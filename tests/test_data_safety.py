@@ -2,6 +2,7 @@
 import json, os, shutil, struct, zlib
 from pathlib import Path
 import numpy as np
+import pytest
 from PIL import Image
 from test_data_cli import make_images, one_line_error, tmp_env
 
@@ -11,6 +12,7 @@ def stamps(*folders):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for d in folders for p in sorted(Path(d).rglob('*'))}
 
 
+@pytest.mark.slow            # seven runs of digit-data
 def test_image_folder_is_rebuilt_when_its_files_change(tmp_path, run_cli, mnist_dir):
     root, clean = tmp_path/'mine', tmp_path/'clean'
     x, y = make_images(root, mnist_dir)
@@ -41,6 +43,7 @@ def test_image_folder_is_rebuilt_when_its_files_change(tmp_path, run_cli, mnist_
     assert m0['inputs']['from'] == str(root.resolve())
 
 
+@pytest.mark.slow            # five runs of digit-data, two of them building the whole MNIST
 def test_named_source_is_verified_and_recorded(tmp_path, run_cli, mnist_dir):
     env, raw, clean = tmp_env(tmp_path, MNIST_DIR=None), tmp_path/'data'/'MNIST'/'raw', tmp_path/'clean'
     manifest = lambda: json.loads((clean/'manifest.json').read_text())

@@ -62,6 +62,7 @@ def test_settings_that_cannot_work(run_cli, image, tmp_path):
     one_line(run_cli('digit-data', env={'DIGIT_HOME': '/proc/self'}), '/proc/')
 
 
+@pytest.mark.slow            # six commands, each importing torch, MLflow and Optuna before it checks: half a minute
 def test_a_search_space_checked_before_any_trial(run_cli, tmp_path):
     env = {'DIGIT_PATHS_RESULTS_DIR': str(tmp_path), 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"}
     t0 = time.time()

@@ -18,6 +18,7 @@ def runs_in(d):
     return [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
 
 
+@pytest.mark.slow            # three processes importing MLflow and creating its schema, at once
 def test_parallel_first_runs_on_a_new_store(tmp_path):
     "Three processes open a store that does not exist yet, at the same moment: all succeed, each with its run."
     code = ("import sys, time; from pathlib import Path\n"

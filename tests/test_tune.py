@@ -1,8 +1,10 @@
 """`digit-tune` on the local default storage (training_results/optuna.db, no server): a tiny study whose second trial
 (a learning rate too small to learn anything) is pruned by the median pruner and recorded as such in Optuna and in
-MLflow; the parent run holds the table, the best parameters and Optuna's plots. The fast tier's one real study."""
+MLflow; the parent run holds the table, the best parameters and Optuna's plots. A real study: slow."""
 import json, re
 import pytest
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
