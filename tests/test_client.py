@@ -466,6 +466,7 @@ def invoke(url:str, images) -> tuple:
     except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
 
 
+@pytest.mark.slow            # the same real model server
 def test_served_model_checks_its_input(served, test_split):
     "The served model answers 400 and a JSON error, not 200 and NaN or nonsense, for values that are not 0..1 images."
     url, _ = served
