@@ -2,12 +2,13 @@
 killed mid-run ends the run with one clear line and keeps the last completed epoch; `--resume` finishes it in two
 processes again, as one complete MLflow run (each epoch logged once, by rank 0) that `digit-evaluate` accepts. And the
 arithmetic: two processes take the very steps of one with the same global batch."""
-import os, re, signal, subprocess, time
+import os, re, signal, sqlite3, subprocess, time
 from pathlib import Path
 import pytest
 from helpers import ROOT, BIN
 
 DDP = ['--nproc-per-node', '2', '--batch-size', '100']
+EPOCHS = 6         # tiny epochs of a second or two: room to kill a worker after the first, before the last
 
 
 def local_env(d):
@@ -20,6 +21,14 @@ def store(d):
     import mlflow
     c = mlflow.MlflowClient(f"sqlite:///{d/'mlflow.db'}")
     return c, [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
+
+
+def logged(d, key:str='val_accuracy') -> bool:
+    "Whether the store in `d` holds a value of metric `key` yet (its SQLite file read directly: polled often, cheap)."
+    try:
+        with sqlite3.connect(f"file:{d/'mlflow.db'}?mode=ro", uri=True, timeout=1) as db:
+            return db.execute('SELECT 1 FROM metrics WHERE key = ? LIMIT 1', (key,)).fetchone() is not None
+    except sqlite3.Error: return False                      # not made yet, or being migrated
 
 
 def descendants(pid:int) -> list:
@@ -45,14 +54,13 @@ def test_killed_worker_ends_the_run_and_resume_finishes_it(tmp_path, run_cli, da
     it: one FINISHED run, each epoch logged once, evaluable. (One run for both, to keep the suite's time.)"""
     env = {**os.environ, **{k: v for k, v in local_env(tmp_path).items() if v}}
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
-    p = subprocess.Popen([str(BIN/'digit-train'), *DDP, '--epochs', '4', '--max-train-samples', '2000', '--quiet'],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    deadline, logged = time.time() + 300, lambda: any(store(tmp_path)[0].get_metric_history(r.info.run_id,
-                                                      'val_accuracy') for r in store(tmp_path)[1])
+    p = subprocess.Popen([str(BIN/'digit-train'), *DDP, '--epochs', str(EPOCHS), '--max-train-samples',
+                          '2000', '--quiet'], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.time() + 300
     while not list((tmp_path/'results').glob('*/last.pt')) and p.poll() is None and time.time() < deadline:
         time.sleep(0.1)                                # (the store is made: opening it now races no migration)
-    while not logged() and p.poll() is None and time.time() < deadline: time.sleep(0.1)   # epoch 1 is recorded
+    while not logged(tmp_path) and p.poll() is None and time.time() < deadline: time.sleep(0.1)   # epoch 1 is recorded
     workers = [pid for pid, cmd in descendants(p.pid) if 'spawn_main' in cmd]     # the kernel's, rank 0 first
     assert p.poll() is None and len(workers) == 2, (workers, p.poll())
     os.kill(workers[-1], signal.SIGKILL)
@@ -69,17 +77,17 @@ def test_killed_worker_ends_the_run_and_resume_finishes_it(tmp_path, run_cli, da
     assert run.info.status == 'FAILED'
     import torch
     done = torch.load(tmp_path/'results'/rid/'last.pt', weights_only=True)['epoch']
-    assert 1 <= done < 4
+    assert 1 <= done < EPOCHS
     env = local_env(tmp_path)
     r = run_cli('digit-train', '--resume', rid, '--nproc-per-node', '2', env=env, check=0)
     assert f'run {rid}:' in r.stdout and 'training in 2 processes' in r.stdout
     assert [l.split(':')[0] for l in r.stdout.splitlines() if ' epoch ' in l and 'train_loss' in l] == \
-           [f'[rank0] epoch {e}' for e in range(done + 1, 5)]           # rank 0 prints, once per epoch
+           [f'[rank0] epoch {e}' for e in range(done + 1, EPOCHS + 1)]           # rank 0 prints, once per epoch
     c, (run,) = store(tmp_path)
     assert run.info.status == 'FINISHED' and run.data.tags['world_size'] == '2'
     assert run.data.params['batch_size'] == '100' and 'nproc_per_node' not in run.data.params   # not a knob
-    for k in ('train_loss', 'val_accuracy', 'images_per_second'):
-        assert [m.step for m in c.get_metric_history(rid, k)] == list(range(1, 5)), k   # by rank 0 alone, once each
+    for k in ('train_loss', 'val_accuracy', 'images_per_second'):                  # by rank 0 alone, once each
+        assert [m.step for m in c.get_metric_history(rid, k)] == list(range(1, EPOCHS + 1)), k
     assert run.data.metrics['val_accuracy'] > 0.8
     assert {'best.pt', 'last.pt', 'model.onnx', 'result.json'} <= {p.name for p in (tmp_path/'results'/rid).iterdir()}
     assert {a.path for a in c.list_artifacts(rid)} >= {'notebook', 'curves.png'}
