@@ -20,7 +20,7 @@ def test_dockerfile():
     import dockerfile
     ins = dockerfile.parse_file(str(ROOT/'Dockerfile'))
     st = stages(ins)
-    assert len(st) == 1, "one stage: a second would copy the 7 GB virtual environment into a layer of its own"
+    assert len(st) == 1, "one stage: a second would copy the virtual environment into a layer of its own"
     args = dict(v.split('=', 1) for i in ins if i.cmd == 'ARG' for v in i.value if '=' in v)
     assert args['BASE_IMAGE'] == 'python:3.11-slim' and all(s[0].value[0] == '${BASE_IMAGE}' for s in st)
     assert args['TORCH_INDEX'] == 'https://download.pytorch.org/whl/cpu'

@@ -19,7 +19,7 @@ from PIL import Image
 from helpers import ROOT, free_port
 
 pytestmark = pytest.mark.slow
-CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data, wheels: kept
+CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data: kept between runs
 IMAGE = 'digit-recognition:test'
 NEED_GB = 15                # a first build's peak, measured here: 12 GB (wheels, pip's copy, the venv)
 TINY = ['--epochs', '1', '--max-train-samples', '3000', '--min-accuracy', '0.5']
