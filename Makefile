@@ -62,6 +62,13 @@ serve: setup  ## the champion over HTTP (digit-serve): API and drawing pad on :8
 
 # `test` and `test-fast` run the notebooks beside pytest (-j2): most of a test's time is one process importing
 # libraries, so the two share the cores; -Oline keeps each output line whole.
+# Parallelism comes from the processes (pytest's workers, two notebooks): each PyTorch process on one thread, not
+# five processes each spinning two OpenMP threads on two cores; a process that asks for more threads (the tests'
+# shared checkpoint) gets them without spinning (OMP_WAIT_POLICY).
+TEST_TARGETS = test test-fast test-notebooks test-notebooks-fast test-pytest test-pytest-fast
+$(TEST_TARGETS): export OMP_NUM_THREADS ?= 1
+$(TEST_TARGETS): export OMP_WAIT_POLICY ?= PASSIVE
+
 test: setup data  ## every test, what CI runs: all notebook cells, all of pytest (the 15 slowest listed)
 	$(MAKE) --no-print-directory -j2 -Oline test-notebooks test-pytest
 

@@ -6,12 +6,10 @@ Docs: https://digit-recognition.github.io/digit-recognition/serve.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'ERRORS', 'ROUTES', 'SERVE_FLAGS', 'model_card', 'Loaded', 'ModelSlot', 'read_images', 'answer',
-           'predict_items', 'page_html', 'Recorder', 'Measure', 'create_app', 'app_factory', 'listener', 'PortShare',
-           'digit_serve']
+           'predict_items', 'page_html', 'Measure', 'create_app', 'app_factory', 'listener', 'PortShare', 'digit_serve']
 
 # %% ../nbs/08_serve.ipynb #b9dfab44
-import collections, functools, importlib.resources, io, logging, os, socket, sys, threading, time
-from fastcore.basics import patch
+import functools, importlib.resources, io, logging, os, socket, sys, threading, time
 import anyio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -29,8 +27,8 @@ from fastapi.responses import Response
 from .config import Settings, DigitError, cli, first_line
 from .client import DigitPredictor
 from .sources import ModelSource, model_source, parse_model_uri
-from .predictions import PredictionLog, FeedbackStore, NOT_A_DIGIT, log_url, prediction_row
 from .metrics import ServiceMetrics, scrape
+from .recorder import Recorder
 from .api import (Limits, problem, check_image, ImageIn, BatchIn, Answer, Correction, Corrected,
                                    BatchAnswer, ErrorBody, decode_json_image, BodyLimit)
 
@@ -213,60 +211,6 @@ def _image_body(batch:bool) -> dict:
 def page_html() -> str:
     "The drawing pad's page: `static/pad.html` in the package, its style and script inside."
     return (importlib.resources.files('digit_recognition')/'static'/'pad.html').read_text(encoding='utf-8')
-
-# %% ../nbs/08_serve.ipynb #4a500612
-class Recorder:
-    "What digit-serve keeps of its answers: the prediction log, the corrections' images, the metrics."
-    def __init__(self, s:Settings, metrics:ServiceMetrics|None=None):
-        self.metrics, self.store = metrics or ServiceMetrics(), FeedbackStore(s.path('paths', 'feedback_dir'))
-        self.per_minute, self.recent = s.number('serve', 'max_feedback_per_minute', 1), collections.deque()
-        self.log, url = None, log_url(s.get('serve', 'prediction_log'), s)
-        days = s.number('serve', 'prediction_log_days', 0, kind=float)
-        if url:
-            try: self.log = PredictionLog(url, days, on_failure=self.metrics.log_failures.inc)
-            except DigitError as e: log.error("%s; answers go on without it", e)
-
-    def start(self):
-        "Start the log's background writer."
-        if self.log: self.log.start()
-
-    def close(self):
-        "Write what the log has queued (a clean shutdown loses no answer)."
-        if self.log: self.log.close()
-
-    def __call__(self, started:float, keep:bool, data, p, card:dict) -> str|None:
-        "Count answer `p` and, when `keep`, log it: its `prediction_id` (None when not logged)."
-        if p.digit is None: self.metrics.not_sure.labels((p.reason or '').split(' (')[0]).inc()   # its kind
-        else: self.metrics.answers.labels(str(p.digit)).inc()
-        if not (keep and self.log): return None
-        row = prediction_row(data, p, card, (time.perf_counter() - started)*1000)
-        self.log.add(row)
-        return row['id']
-
-# %% ../nbs/08_serve.ipynb #eeb68c3b
-@patch
-def correct(self:Recorder, c:Correction) -> dict:
-    "Record correction `c` (log, image file, metrics): a `Corrected`, or the HTTP error saying why not."
-    if self.log is None:
-        raise problem(503, "feedback: this server keeps no prediction log ([serve] prediction_log is empty)")
-    now = time.time()
-    while self.recent and now - self.recent[0] > 60: self.recent.popleft()
-    if len(self.recent) >= self.per_minute:
-        raise problem(429, f"feedback: more than {self.per_minute} corrections a minute; try again later")
-    self.recent.append(now)
-    digit = NOT_A_DIGIT if c.digit is None else c.digit
-    try: row, new = self.log.correct(c.prediction_id, digit)
-    except KeyError: raise problem(404, f"prediction_id: {c.prediction_id} is not in the prediction log") from None
-    except ValueError as e: raise problem(409, f"prediction_id: {e}") from None
-    except Exception as e:
-        raise problem(503, f"feedback: the prediction log cannot be read ({first_line(e)})") from None
-    try: saved = self.store.save(row, digit) is not None
-    except OSError as e:
-        log.error("feedback: cannot keep the image (%s)", first_line(e))
-        saved = False
-    if new: self.metrics.corrections.labels('not sure' if row['digit'] is None else str(row['digit']),
-                                            'not a digit' if c.digit is None else str(c.digit)).inc()
-    return {'prediction_id': row['id'], 'answered': row['digit'], 'corrected': c.digit, 'saved': saved}
 
 # %% ../nbs/08_serve.ipynb #5e2a0339
 ROUTES = {'/', '/health', '/ready', '/model', '/predict', '/predict/batch', '/feedback', '/metrics', '/docs',

@@ -52,7 +52,9 @@ def pytest_collection_modifyitems(config, items):
     stray = [i.nodeid for i in items if uses(i, 'mlflow_server') and not (group_of(i.nodeid) or '').startswith(
              'mlflow-server') or uses(i, 'server_run') and group_of(i.nodeid) != SERVER_RUN_GROUP]
     if stray: raise pytest.UsageError(f"tests/conftest.py: put these tests in the right group of GROUPS: {stray}")
-    if hasattr(config, 'workerinput'): items.sort(key=lambda i: i.get_closest_marker('slow') is None)   # stable
+    if hasattr(config, 'workerinput'):     # slow tests first; those reading the session's checkpoint last, so that the
+        items.sort(key=lambda i: (i.get_closest_marker('slow') is None, uses(i, 'checkpoint_dir')))  # others go on
+                                               # while one worker trains it (LONGEST starts one of them first)
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
