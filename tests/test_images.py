@@ -49,9 +49,9 @@ def own_images(root, mnist_dir) -> dict:
 
 
 def test_digit_data_and_the_predictor_see_the_same_arrays(tmp_path, run_cli, mnist_dir):
-    from digit_recognition import client, data, images
+    from digit_recognition import client, folders, images
     from digit_recognition.data import load_cleaned
-    assert client.to_mnist_checked is images.to_mnist_checked and data.read_digit_image is images.read_digit_image
+    assert client.to_mnist_checked is images.to_mnist_checked and folders.read_digit_image is images.read_digit_image
     root, out = tmp_path/'mine', tmp_path/'clean'
     files = own_images(root, mnist_dir)
     run_cli('digit-data', '--images', root, '--out', out, env=tmp_env(tmp_path), check=0)
