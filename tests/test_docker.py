@@ -145,34 +145,9 @@ def room_to_build(engine) -> None:
 
 
 @pytest.fixture(scope='module')
-def team_images(engine, base_image):
-    """The team stack's PostgreSQL image (the official one if the engine has it, else deploy/postgres.Dockerfile's,
-    from Debian) and MLflow server image, built in the background while the project's image builds (neither needs
-    it): `wait()` waits for them and gives the PostgreSQL image's name."""
-    from helpers import compose_command
-    room_to_build(engine)
-    pg, builds = 'postgres:17', {'digit-mlflow-server:test': 'deploy/mlflow.Dockerfile'}
-    if engine('image', 'inspect', pg, check=False).returncode != 0:
-        pg, builds['digit-postgres:test'] = 'digit-postgres:test', 'deploy/postgres.Dockerfile'
-    procs = {} if compose_command() is None else {       # no compose: the team stack's test skips, nothing to build
-        tag: subprocess.Popen([engine.cli, 'build', '--network', 'host', '-f', ROOT/f, '--build-arg',
-                               f"BASE_IMAGE={base_image}", '-t', tag, ROOT], env=engine.env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for tag, f in builds.items()}
-    def wait() -> str:
-        for tag, p in procs.items():
-            out = p.communicate(timeout=900)[0]
-            assert p.returncode == 0, f"docker build {tag}:\n{out[-3000:]}"
-        return pg
-    yield wait
-    for p in procs.values():
-        if p.poll() is None: p.kill()
-
-
-@pytest.fixture(scope='module')
-def image(engine, base_image, torch_source, team_images):
-    """The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder),
-    while the team stack's images build beside it (`team_images`). The wheels are removed once it is built: its torch
-    layer stays cached, and they are 4 GB."""
+def image(engine, base_image, torch_source):
+    """The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder).
+    The wheels are removed once it is built: its torch layer stays cached, and they are 4 GB."""
     room_to_build(engine)
     try: engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
                 ROOT, timeout=1800)
@@ -260,7 +235,7 @@ def test_an_unwritable_folder_is_one_line(engine, image, tmp_path):
     assert len(lines) == 1 and '/app/runs is not writable by uid 1234' in lines[0], r.stderr
 
 
-def test_the_team_stack(engine, image, team_images, mnist_dir, tmp_path):
+def test_the_team_stack(engine, image, base_image, mnist_dir, tmp_path):
     """deploy/compose.yaml brought up: PostgreSQL (the official image if the engine has it, else deploy/postgres.
     Dockerfile's, from Debian), the MLflow server with login, and two digit-tune workers sharing one tiny study; then
     `down -v` leaves nothing behind. Docker Compose: the CLI's plugin or Debian's docker-compose 1.29."""
@@ -269,7 +244,13 @@ def test_the_team_stack(engine, image, team_images, mnist_dir, tmp_path):
     compose = compose_command()
     if compose is None: pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install "
                                     "docker-compose)")
-    pg = team_images()                                       # built beside the project's image
+    pg = 'postgres:17'
+    if engine('image', 'inspect', pg, check=False).returncode != 0:
+        pg = 'digit-postgres:test'
+        engine('build', '--network', 'host', '-f', ROOT/'deploy/postgres.Dockerfile', '--build-arg',
+               f"BASE_IMAGE={base_image}", '-t', pg, ROOT, timeout=900)
+    engine('build', '--network', 'host', '-f', ROOT/'deploy/mlflow.Dockerfile', '--build-arg',
+           f"BASE_IMAGE={base_image}", '-t', 'digit-mlflow-server:test', ROOT, timeout=900)
     password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
     env_file = tmp_path/'env'
     env_file.write_text(f"COMPOSE_PROJECT_NAME={project}\nPOSTGRES_PASSWORD={secrets.token_urlsafe(16)}\n"
