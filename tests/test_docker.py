@@ -103,13 +103,18 @@ def reachable(url) -> bool:
     except Exception: return False
 
 
+class TorchArgs(list):
+    "The build's arguments for torch, and `failed`: why the wheels could not be downloaded, if they could not."
+    def __init__(self, args, failed=()): super().__init__(args); self.failed = failed
+
+
 @pytest.fixture(scope='module')
 def torch_source():
     """Build arguments for torch: the CPU index where it is reachable; else the default index, with torch's wheels (at
     constraints.txt's versions) served to the build over HTTP (PIP_FIND_LINKS) from a folder they are downloaded into
     when the build first asks for them, that is, only when the image's torch layer is not cached."""
-    if reachable('https://download.pytorch.org/whl/cpu/'): yield []; return
-    wheels, lock = CACHE/'wheels', threading.Lock()
+    if reachable('https://download.pytorch.org/whl/cpu/'): yield TorchArgs([]); return
+    wheels, lock, failed = CACHE/'wheels', threading.Lock(), []
     pins = [l.strip() for l in (ROOT/'constraints.txt').read_text().splitlines()
             if l.startswith(('torch==', 'torchvision=='))]
     def download():
@@ -118,7 +123,9 @@ def torch_source():
             wheels.mkdir(parents=True, exist_ok=True)
             r = subprocess.run([ROOT/'.venv/bin/python', '-m', 'pip', 'download', '--quiet', '-d', wheels, *pins,
                                 '-c', ROOT/'constraints.txt'], capture_output=True, text=True, timeout=1200)
-            assert r.returncode == 0, f"pip download {' '.join(pins)}: {r.stderr[-2000:]}"
+            if r.returncode:                    # `image` says it, should the build then fail
+                failed.append(f"pip download {' '.join(pins)}: {r.stderr[-2000:]}")
+                raise AssertionError(failed[-1])
             (wheels/'.complete').touch()
     class Wheels(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
@@ -130,7 +137,8 @@ def torch_source():
     try: srv = http.server.ThreadingHTTPServer(('127.0.0.1', 48765), handler)   # one URL: the layer stays cached
     except OSError: srv = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield ['--build-arg', 'TORCH_INDEX=', '--build-arg', f"PIP_FIND_LINKS=http://127.0.0.1:{srv.server_port}/"]
+    yield TorchArgs(['--build-arg', 'TORCH_INDEX=', '--build-arg',
+                     f"PIP_FIND_LINKS=http://127.0.0.1:{srv.server_port}/"], failed)
     srv.shutdown()
 
 
@@ -151,6 +159,8 @@ def image(engine, base_image, torch_source):
     room_to_build(engine)
     try: engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
                 ROOT, timeout=1800)
+    except AssertionError as e:     # pip fell back to the index after the wheel folder failed: say why it failed
+        raise AssertionError('\n'.join([*torch_source.failed, str(e)])) from None
     finally: shutil.rmtree(CACHE/'wheels', ignore_errors=True)
     return IMAGE
 
