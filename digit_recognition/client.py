@@ -15,7 +15,8 @@ from typing import Annotated
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from .config import Settings, DigitError, cli, atomic_write, first_line
+from .config import Settings, DigitError, atomic_write, first_line
+from .cli import cli
 from .images import IMAGE_SUFFIXES, to_mnist_checked, input_name
 from .sources import ModelSource, model_source
 

@@ -6,8 +6,8 @@ Docs: https://digit-recognition.github.io/digit-recognition/config.html.md"""
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'ENV_ALIASES', 'DigitError', 'first_line', 'os_error', 'command', 'find_root', 'env_name', 'typed',
-           'package_defaults', 'Settings', 'cli_parser', 'cli', 'tracking_uri', 'get_device', 'seed_everything',
-           'atomic_write', 'show_settings']
+           'package_defaults', 'Settings', 'tracking_uri', 'get_device', 'seed_everything', 'atomic_write',
+           'show_settings']
 
 # %% ../nbs/00_config.ipynb #2f44def3
 import argparse, functools, math, os, random, re, secrets, stat, sys, configparser
@@ -326,75 +326,6 @@ class Settings:
     def __repr__(self):
         w = max(len(r[0]) for r in self.table())
         return '\n'.join(f"{n:<{w}}  {'(empty)' if v == '' else v!s:<24}  {src}" for n, v, src in self.table())
-
-# %% ../nbs/00_config.ipynb #26120830
-def cli_parser(func,                   # the command's function: a flag per parameter, its docment the help
-               prog:str,               # the command's name
-               pos:list|None=None,     # parameters taken as positional arguments
-               settings:dict|None=None,  # {section: names}: flags that default to a setting of `section`
-               flags:list|None=None,   # functions `f(parser, settings)` that add shared sets of flags
-               rename:dict|None=None,  # {parameter: flag}, for a flag not named as its parameter
-               s=None,                 # the `Settings` whose values the help shows; None: the project's
-              ) -> argparse.ArgumentParser:
-    "The command line of `func` (fastcore's `anno_parser`), with settings-backed flags defaulting to None."
-    from fastcore.script import anno_parser
-    s, p = s or Settings(), anno_parser(func, prog, pos)
-    p.description = (func.__doc__ or '').strip()
-    for f in flags or []: f(p, s)
-    where = {n: sec for sec, names in (settings or {}).items() for n in names}
-    for a in list(p._actions):
-        if a.dest in where:
-            value = s.get(where[a.dest], a.dest)
-            a.help = f"{(a.help or '').split(' (default: ')[0]} (default: {value!r}, [{where[a.dest]}] {a.dest})"
-            a.default = None
-            if a.nargs == 0: _both_forms(p, a)
-        if a.dest in (rename or {}): _rename(p, a, rename[a.dest])
-    return p
-
-# %% ../nbs/00_config.ipynb #e954a631
-def _rename(p:argparse.ArgumentParser, a:argparse.Action, flag:str):
-    "Flag `a` of `p` is called `flag` instead."
-    for o in a.option_strings: p._option_string_actions.pop(o, None)
-    a.option_strings = [flag]
-    p._option_string_actions[flag] = a
-
-def _both_forms(p:argparse.ArgumentParser, a:argparse.Action):
-    "Switch `a` of `p` becomes `--x` / `--no-x` (argparse's `BooleanOptionalAction`), None when neither is given."
-    a.container._remove_action(a)
-    for o in a.option_strings: p._option_string_actions.pop(o, None)
-    p.add_argument('--' + a.dest.replace('_', '-'), dest=a.dest, action=argparse.BooleanOptionalAction, default=None,
-                   help=a.help)
-
-# %% ../nbs/00_config.ipynb #306f9a2d
-def cli(func=None, *,
-        prog:str|None=None,       # the command's name; default: the function's, with dashes
-        pos:list|None=None,       # as `cli_parser`
-        settings:dict|None=None,  # as `cli_parser`
-        flags:list|None=None,     # as `cli_parser`
-        rename:dict|None=None,    # as `cli_parser`
-        fast_exit:bool=False,     # leave with `os._exit` once done (a command whose output is all written by then)
-       ):
-    "A console script from `func`'s parameters (`cli_parser`), run by `command`: `main(argv)` parses, calls `func`."
-    if func is None: return functools.partial(cli, prog=prog, pos=pos, settings=settings, flags=flags, rename=rename,
-                                              fast_exit=fast_exit)
-    prog = prog or func.__name__.strip('_').replace('_', '-')
-    parser = lambda: cli_parser(func, prog, pos, settings, flags, rename)
-    def call(argv:list|None=None):   # the command's arguments; None: `sys.argv[1:]`
-        a = vars(parser().parse_args(argv))
-        a.pop('pdb', None)
-        a.pop('xtra', None)
-        return func(**a)
-    @command
-    @functools.wraps(func)
-    def main(argv:list|None=None):
-        code = call(argv)
-        if fast_exit:                # everything is written: skip the time libraries spend tearing down at exit
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code or 0)
-        return code
-    main.parser, main.func, main.call = parser, func, call     # `call`: parse and run, without exiting
-    return main
 
 # %% ../nbs/00_config.ipynb #bd52d05b
 def tracking_uri(settings:Settings|None=None) -> str:

@@ -16,7 +16,8 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
-from .config import Settings, DigitError, cli, atomic_write
+from .config import Settings, DigitError, atomic_write
+from .cli import cli
 from .folders import sha256_file, image_inputs, read_image_folder
 from .mnist import MNIST_FILES, fetch_mnist, load_mnist
 from .outliers import load_outliers

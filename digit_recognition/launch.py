@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import matplotlib.pyplot as plt
 from fastcore.docments import docments
-from .config import (Settings, DigitError, cli, get_device, seed_everything, typed,
+from .config import (Settings, DigitError, get_device, seed_everything, typed,
                                       atomic_write)
+from .cli import cli
 from .data import load_cleaned
 from .outliers import load_outliers
 from .model import get_model

@@ -17,7 +17,8 @@ import numpy as np
 import sqlalchemy as sa
 import matplotlib.pyplot as plt
 from scipy import stats
-from .config import Settings, DigitError, cli, atomic_write, first_line
+from .config import Settings, DigitError, atomic_write, first_line
+from .cli import cli
 from .images import ink_share
 from .tracking import connect_tracking, use_experiment, tracking_error
 from .predictions import PREDICTIONS, open_log, log_url

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated
 import numpy as np
 from PIL import Image, ImageDraw
-from .config import DigitError, cli, atomic_write, first_line
+from .config import DigitError, atomic_write, first_line
+from .cli import cli
 from .images import to_gray, to_mnist_checked
 from .client import DigitPredictor
 

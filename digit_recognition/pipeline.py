@@ -14,7 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
-from .config import Settings, DigitError, cli
+from .config import Settings, DigitError
+from .cli import cli
 from .data import prepare_data
 from .sources import ModelSource
 from .evaluation import evaluation_dir, run_evaluation

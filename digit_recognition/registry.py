@@ -14,7 +14,8 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 from typing import Annotated
-from .config import Settings, DigitError, cli
+from .config import Settings, DigitError
+from .cli import cli
 from .data import load_cleaned
 from .tracking import tracking_error
 from .sources import ModelSource, model_source

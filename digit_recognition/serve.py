@@ -24,7 +24,8 @@ from . import __version__
 from typing import Annotated
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from .config import Settings, DigitError, cli, first_line
+from .config import Settings, DigitError, first_line
+from .cli import cli
 from .client import DigitPredictor
 from .sources import ModelSource, model_source, parse_model_uri
 from .metrics import ServiceMetrics, scrape

@@ -12,7 +12,8 @@ import itertools, os, time
 from typing import Annotated
 import mlflow
 from optuna.distributions import CategoricalDistribution
-from .config import Settings, DigitError, cli
+from .config import Settings, DigitError
+from .cli import cli
 from .launch import param_specs, add_parameter_flags
 from .tune import StudyPlan, parse_grid, run_study
 

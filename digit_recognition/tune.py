@@ -19,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from typing import Annotated
-from .config import Settings, DigitError, cli, first_line
+from .config import Settings, DigitError, first_line
+from .cli import cli
 from .tracking import connect_tracking, tracking_error, redact, use_experiment
 from .launch import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
 from .training import TrainParams
