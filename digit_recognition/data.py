@@ -410,7 +410,8 @@ def make_dataset(
     "Get MNIST (or your own images), verify, clean, split and version it into dataset_cleaned/, with the non-digits."
     s, t0 = Settings(), time.time()
     folder = s.path('paths', 'cleaned_dir', out)
-    before = {f: f.stat().st_mtime_ns for f in folder.glob('*')}     # what changes tells what was written
+    stamps = lambda: {f: f.stat().st_mtime_ns for f in folder.glob('*')}   # what changes tells what was written
+    before = stamps()
     m = prepare_data(source, images, out, val_size, seed, min_ink, force, settings=s)
     print(summary(m))
     data = load_cleaned(out, splits=('train', 'val'), settings=s)
@@ -419,8 +420,7 @@ def make_dataset(
               f"training families; {sum(pool['caught'].values()):,} more made, answered by the ink rules)")
     if v := load_views(data, s, views, out):
         print(f"  views  {len(v['labels']):>8,} validation digits, photographed and drawn")
-    written = {f: f.stat().st_mtime_ns for f in folder.glob('*')} != before
-    print(f"  {'written to' if written else 'current, nothing written:'} {folder} ({time.time()-t0:.1f} s)")
+    print(f"  {'written to' if stamps() != before else 'current, nothing written:'} {folder} ({time.time()-t0:.1f} s)")
 
 # %% ../nbs/02_data.ipynb #dca4b1de
 digit_data = cli(make_dataset, prog='digit-data', settings={'data': ('val_size', 'seed', 'min_ink', 'outliers',
