@@ -39,7 +39,7 @@ def main():
     if a.quick: recipes = {'fast, first 10,000 images': dataclasses.replace(fast, max_train_samples=10000)}
     rows, figs = [], {}
     for (name, p), key in zip(recipes.items(), ['fast', 'default']):
-        seed_everything(p.seed); m = get_model(p.model)
+        seed_everything(p.seed); m = get_model(p.model, width=p.width)
         t0 = time.time()
         with tempfile.TemporaryDirectory() as d: st = fit(m, data, d, p)
         sync(); wall = time.time() - t0

@@ -10,13 +10,15 @@ photographed and drawn views), and is measured on:
 and prints training seconds, accuracies, the share of tune non-digits answered "not sure" at the threshold and the
 AUROC of the calibrated top probability there.
 
-    python bench/recipes.py                                # every recipe below (about 25 minutes on 2 cores)
-    python bench/recipes.py --recipes default,digits-only  # some of them
+    python bench/recipes.py                                # every recipe below (about 40 minutes on 2 cores)
+    python bench/recipes.py --recipe default --recipe 'width 24'   # some of them
     python bench/recipes.py --quick                        # smoke run: 2 epochs on 5,000 images, 400 non-digits
 
 The table, with date, machine and versions, goes to bench/results/recipes.json and .md (--quick: recipes-quick.*).
+Recipes measured now replace their earlier rows; the others are kept, each with the date and commit it was measured
+at (column `measured`): rows from before a change of the defaults measured the defaults of then.
 """
-import argparse, tempfile, time
+import argparse, json, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
@@ -27,9 +29,9 @@ from digit_recognition.data import load_cleaned
 from digit_recognition.model import get_model
 from digit_recognition.outliers import build_outliers
 from digit_recognition.views import load_views
-from digit_recognition.training import TrainParams, fit, evaluate, model_from_checkpoint
+from digit_recognition.training import TrainParams, fit, evaluate, model_from_checkpoint, forward_dtype
 from digit_recognition.calibration import calibrate_checkpoint, probabilities_from_checkpoint, top_probability
-from results import save, table
+from results import RESULTS, save, table
 
 RECIPES = {   # name: TrainParams changes from the package's defaults ([train])
     'default': {},
@@ -38,6 +40,9 @@ RECIPES = {   # name: TrainParams changes from the package's defaults ([train])
     'share 0.125, weight 1': dict(outlier_share=0.125, outlier_weight=1.0),
     'no EMA': dict(ema=0),
     '20 epochs': dict(epochs=20),
+    'float32 (the default before bfloat16)': dict(precision='float32'),
+    'width 24': dict(width=24),
+    'width 24, 11 epochs': dict(width=24, epochs=11),
 }
 
 
@@ -46,7 +51,7 @@ def measure(name, changes, data, views, tune, quick):
     p = replace(TrainParams(device='cpu'), **{**changes, **(dict(epochs=2, max_train_samples=5000) if quick else {})})
     seed_everything(p.seed)
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.time(); st = fit(get_model(p.model), data, d, p); secs = time.time() - t0
+        t0 = time.time(); st = fit(get_model(p.model, width=p.width), data, d, p); secs = time.time() - t0
         cal = calibrate_checkpoint(Path(d)/'best.pt', *data.val, reject_rate=p.reject_rate,
                                    views={k: views[k] for k in ('val_photo', 'val_drawn')})
         net = probabilities_from_checkpoint(Path(d)/'best.pt')
@@ -59,43 +64,62 @@ def measure(name, changes, data, views, tune, quick):
                          + [top_probability(net, data.val[0])])
     out = top_probability(net, tune)
     auc = roc_auc_score(np.r_[np.ones(len(dig)), np.zeros(len(out))], np.r_[dig, out])
-    f = dict(changes=changes, epochs=p.epochs, train_seconds=round(secs, 1), best_epoch=st['best_epoch'],
+    f = dict(changes=changes, measured=MEASURED, epochs=p.epochs, train_seconds=round(secs, 1),
+             best_epoch=st['best_epoch'],
              test_accuracy=test, val_photo_accuracy=round(acc['val_photo'], 4),
              val_drawn_accuracy=round(acc['val_drawn'], 4), threshold=round(th, 4),
              tune_not_sure=round(float((out < th).mean()), 4), tune_auroc=round(float(auc), 4))
-    row = (name, p.epochs, f"{secs:.0f}", f"{test:.4f}", f"{acc['val_photo']:.4f}", f"{acc['val_drawn']:.4f}",
+    row = (name, MEASURED, p.epochs, f"{secs:.0f}", f"{test:.4f}", f"{acc['val_photo']:.4f}", f"{acc['val_drawn']:.4f}",
            f"{th:.3f}", f"{f['tune_not_sure']:.1%}", f"{auc:.4f}")
     print(table(COLS, [row]).splitlines()[-1], flush=True)
     return row, f
 
 
-COLS = ['recipe', 'epochs', 'training s', 'MNIST test acc', 'val photographed acc', 'val drawn acc', 'threshold',
-        'tune non-digits not sure', 'tune AUROC']
+COLS = ['recipe', 'measured', 'epochs', 'training s', 'MNIST test acc', 'val photographed acc', 'val drawn acc',
+        'threshold', 'tune non-digits not sure', 'tune AUROC']
+
+
+MEASURED = f"{time.strftime('%Y-%m-%d')} {__import__('results').git_commit()[:7]}"
+
+
+def earlier(name, names) -> tuple:
+    "`({recipe: row}, {recipe: figures})` of the last run's file, but for the recipes `names` measured now."
+    try: r = json.loads((RESULTS/f'{name}.json').read_text())
+    except (OSError, ValueError): return {}, {}
+    when = f"{r['date'][:10]} {r['versions']['git'][:7]}"                # rows of files from before `measured`
+    rows = {x['recipe']: tuple(x.get(c, when if c == 'measured' else '') for c in COLS) for x in r['rows']
+            if x['recipe'] in RECIPES and x['recipe'] not in names}
+    return rows, {k: v for k, v in r['figures'].items() if k in rows}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--recipes', default=None, help=f"comma-separated, of: {', '.join(RECIPES)} (default: all)")
+    ap.add_argument('--recipe', action='append', choices=list(RECIPES), metavar='NAME',
+                    help=f"a recipe to measure, repeatable; of: {'; '.join(RECIPES)} (default: all)")
     ap.add_argument('--tune', type=int, default=3000, help="tune-family non-digits to make (default: %(default)s)")
     ap.add_argument('--quick', action='store_true', help="smoke run, written to bench/results/recipes-quick.*")
     a = ap.parse_args()
-    names = a.recipes.split(',') if a.recipes else list(RECIPES)
+    names = a.recipe or list(RECIPES)
     data = load_cleaned()
     views = load_views(data)
     tune = build_outliers('tune', 400 if a.quick else a.tune, seed=11, digits=data.train[0].squeeze(1).numpy(),
                           quiet=True)['images']
     print(table(COLS, []))
-    rows, figs = [], {}
+    rows, figs = earlier('recipes-quick' if a.quick else 'recipes', names)
     for n in names:
-        row, figs[n] = measure(n, RECIPES[n], data, views, tune, a.quick); rows.append(row)
+        row, figs[n] = measure(n, RECIPES[n], data, views, tune, a.quick); rows[n] = row
+    rows = [rows[n] for n in RECIPES if n in rows]                     # in RECIPES' order
     on = '5,000 training images, 2 epochs' if a.quick else 'the full training split'
-    notes = [f"One seed ({TrainParams().seed}) per recipe, on {on}; "
+    notes = [f"One seed ({TrainParams().seed}) per recipe, on {on}, on this machine's CPU (precision auto: "
+             f"{'bfloat16' if forward_dtype('auto', 'cpu') else 'float32'}); "
              f"{len(tune):,} tune-family non-digits (seed 11) reach the model (the ink rules answer the others); the "
              "threshold of each is its own, fitted on the validation split and its photographed and drawn views "
-             "(reject_rate of the recipe). The test families play no part here.",
+             "(reject_rate of the recipe). The test families play no part here. Rows measured before 2026-12-06 "
+             "trained in float32, the default then.",
              "The default recipe is settings.ini [train]: " + ', '.join(f"{k} {v}" for k, v in
                                                                          vars(TrainParams()).items()
-                                                                         if k in ('epochs', 'outlier_share',
+                                                                         if k in ('width', 'epochs', 'precision',
+                                                                                  'outlier_share',
                                                                                   'outlier_weight', 'ema',
                                                                                   'reject_rate'))]
     save('recipes-quick' if a.quick else 'recipes', rows, COLS, notes, figs)

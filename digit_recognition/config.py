@@ -97,6 +97,8 @@ registered_model = digit-recognizer
 [train]
 # The full recipe, used by digit-train (the training notebook's own defaults are a quick demo).
 model = cnn
+# Channels of the first convolution (the others 2x and 4x); the MLP's hidden layers are 16x, 8x and 4x.
+width = 16
 epochs = 14
 batch_size = 128
 lr = 0.02
@@ -119,6 +121,9 @@ outlier_weight = 0.5
 reject_rate = 0.004
 # The model kept is the moving average of the weights with this decay (0 = the weights of the last step).
 ema = 0.999
+# The forward pass's number format: auto = bfloat16 where the processor computes it natively (CUDA GPUs since
+# Ampere, CPUs with AVX-512 BF16 or AMX), float32 elsewhere; weights, gradients and the optimiser stay float32.
+precision = auto
 
 [distributed]
 # Data-parallel training (digit-train --nproc-per-node): training processes on this machine; 1 = one process, no

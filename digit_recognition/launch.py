@@ -24,7 +24,8 @@ from .outliers import load_outliers
 from .model import get_model
 from .tracking import (connect_tracking, tracking_error, redact, git_commit, shipped_notebook,
                                         run_notebook, mark_stale_runs, use_experiment)
-from .training import TrainParams, fit, plot_curves, resume_state, resume_conflicts, pick
+from .training import (TrainParams, fit, plot_curves, resume_state, resume_conflicts, pick,
+                                        forward_dtype)
 from .calibration import finish_checkpoint
 from .mlmodel import dataset_input, log_model
 
@@ -142,7 +143,7 @@ def _fit_worker(plan:dict|None,  # node 0: `params`, `out`, `state`, `run_id`, `
                              f"{plan['dataset_version']} (prepare the same data on every machine)")
         seed_everything(p.seed)
         log = rank == 0 and bool(plan['run_id'])                   # (no run id: nothing to record, a benchmark)
-        st = fit(get_model(p.model), data, plan['out'], p, on_epoch=_rank0_logger(plan) if log else None,
+        st = fit(get_model(p.model, width=p.width), data, plan['out'], p, on_epoch=_rank0_logger(plan) if log else None,
                  state=plan['state'])
         return st if rank == 0 else {'run_id': plan['run_id']}
     except KeyboardInterrupt:          # Ctrl-C reaches every process (and the engine repeats it): the kernel says it
@@ -233,10 +234,11 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings,
     resumed, dist = state is not None, dist or distributed_options(s)
     world = dist['nproc_per_node']*dist['nnodes']
     if not resumed: mlflow.log_params(asdict(params))
+    fwd = forward_dtype(params.precision, dev)                  # bfloat16 where `precision = auto` finds it native
     mlflow.set_tags({'dataset_version': data.version, 'git_commit': git_commit(s.root), 'device': str(dev),
                      'torch_version': torch.__version__, 'checkpoint_dir': str(out),
                      'host': socket.gethostname(), 'pid': str(os.getpid()),   # see `mark_stale_runs`
-                     'world_size': str(world)})
+                     'world_size': str(world), 'forward_dtype': str(fwd or 'float32').removeprefix('torch.')})
     if not resumed:
         mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training',
                          tags={'dataset_version': data.version})
@@ -298,7 +300,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     uri = connect_tracking(s)
     use_experiment(experiment or s.get('mlflow', 'experiment'), uri)
     seed_everything(p.seed)
-    net = get_model(p.model)
+    net = get_model(p.model, width=p.width)
     try:
         run = mlflow.start_run(run_id=run_id or None, run_name=run_name or None)
     except Exception as e: raise tracking_error(uri, e) from None

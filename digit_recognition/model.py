@@ -30,10 +30,12 @@ class Normalize(nn.Module):
         return (x.float() - self.mean)/self.std
 
 # %% ../nbs/03_model.ipynb #c658288d
-def mlp(hidden=(256, 128, 64), dropout:float=0.3) -> nn.Sequential:
-    "A multi-layer perceptron on flattened 28x28 images."
+def mlp(width:int=16,          # the hidden layers have 16x, 8x and 4x this many units
+        dropout:float=0.3,     # share of units dropped after each hidden layer, in training
+       ) -> nn.Sequential:
+    "A multi-layer perceptron on flattened 28x28 images; `width` scales it as it scales the CNN."
     layers, n = [Normalize(), nn.Flatten()], 28*28
-    for h in hidden:
+    for h in (16*width, 8*width, 4*width):
         layers += [nn.Linear(n, h), nn.ReLU(), nn.Dropout(dropout)]
         n = h
     return nn.Sequential(*layers, nn.Linear(n, 10))

@@ -112,7 +112,8 @@ def _same_steps_worker(rank, d, q):
 
 
 SAME = dict(epochs=2, max_train_samples=1000, batch_size=100, augment=False, label_smoothing=0.0, lr=0.01, device='cpu',
-            patience=0, outlier_share=0)                      # (each process draws non-digits of its own)
+            patience=0, outlier_share=0,                      # (each process draws non-digits of its own)
+            precision='float32')                              # bfloat16 rounds each batch's half on its own
 
 
 @pytest.mark.slow

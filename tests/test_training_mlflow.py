@@ -35,6 +35,8 @@ def test_run_is_recorded(trained, client):
     manifest = json.loads((Path(__file__).parent.parent/'dataset_cleaned'/'manifest.json').read_text())
     t = run.data.tags
     assert t['dataset_version'] == manifest['version'] and t['device'] == 'cpu' and t['torch_version']
+    from digit_recognition.training import native_bfloat16
+    assert (p['precision'], t['forward_dtype']) == ('auto', 'bfloat16' if native_bfloat16('cpu') else 'float32')
     assert re.fullmatch(r'[0-9a-f]{40}|unknown', t['git_commit'])
     ds = run.inputs.dataset_inputs
     assert len(ds) == 1 and ds[0].dataset.digest == manifest['version']
