@@ -35,6 +35,7 @@ from results import RESULTS, save, table
 
 RECIPES = {   # name: TrainParams changes from the package's defaults ([train])
     'default': {},
+    'ink 0 (the default before ink changes)': dict(ink=0),
     'digits-only, 20 epochs (the earlier default)': dict(outlier_share=0, ema=0, epochs=20),
     'weight 0.25': dict(outlier_weight=0.25),
     'share 0.125, weight 1': dict(outlier_share=0.125, outlier_weight=1.0),
@@ -115,10 +116,11 @@ def main():
              f"{len(tune):,} tune-family non-digits (seed 11) reach the model (the ink rules answer the others); the "
              "threshold of each is its own, fitted on the validation split and its photographed and drawn views "
              "(reject_rate of the recipe). The test families play no part here. Rows measured before 2026-12-06 "
-             "trained in float32, the default then.",
+             "trained in float32, rows measured at 17e3e39 or before without ink changes (ink 0): the defaults "
+             "then.",
              "The default recipe is settings.ini [train]: " + ', '.join(f"{k} {v}" for k, v in
                                                                          vars(TrainParams()).items()
-                                                                         if k in ('width', 'epochs', 'precision',
+                                                                         if k in ('width', 'epochs', 'precision', 'ink',
                                                                                   'outlier_share',
                                                                                   'outlier_weight', 'ema',
                                                                                   'reject_rate'))]

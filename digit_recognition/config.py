@@ -107,6 +107,9 @@ schedule = onecycle
 weight_decay = 0.0005
 label_smoothing = 0.1
 augment = true
+# With augment: the share of training images whose strokes are thickened or thinned, blurred and grained, as
+# photos and the pad give them (training.ink_batch).
+ink = 0.5
 seed = 42
 device = auto
 max_train_samples = 0
