@@ -50,15 +50,18 @@ def ink_batch(x:torch.Tensor,    # float images in 0..1, N x 1 x H x W, light in
               generator=None,    # a seeded `torch.Generator`, for the same changes on a rerun
              ) -> torch.Tensor:  # the batch, same shape as `x`
     "Strokes as photos and the pad give them: `share` of `x` thickened or thinned, softened and grained."
-    n, dev = x.shape[0], x.device
-    u = lambda: torch.rand(n, 1, 1, 1, generator=generator).to(dev, x.dtype)
-    picked, t, soft, grain = (u() < share).to(x.dtype), u()*2 - 1, u(), u()*noise
-    thick, thin = F.max_pool2d(x, 3, 1, 1), -F.max_pool2d(-x, 3, 1, 1)   # dilated, eroded
-    y = torch.where(t > 0, x + t*(thick - x), x - t*(thin - x))          # partway to either
+    u = lambda: torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x.device, x.dtype)
+    picked, t, soft, grain = u().flatten() < share, u()*2 - 1, u(), u()*noise
+    i = picked.nonzero().flatten()                                       # only these are computed
+    z, t, soft, grain = x[i], t[i], soft[i], grain[i]
+    sign = torch.where(t > 0, 1., -1.).to(x.dtype)
+    y = z + t.abs()*(sign*F.max_pool2d(sign*z, 3, 1, 1) - z)             # partway to dilated or eroded
     y = y + soft*(TF.gaussian_blur(y, [5, 5], [1., 1.]) - y)             # partway to a blur
     y = y/y.amax((2, 3), keepdim=True).clamp_min(1e-3)                  # the darkest ink full again
-    y = (y + grain*torch.randn(x.shape, generator=generator).to(dev, x.dtype)).clamp(0, 1)
-    return picked*y + (1 - picked)*x
+    y = y + grain*torch.randn(y.shape, generator=generator).to(x.device, x.dtype)
+    out = x.clone()
+    out[i] = y.clamp(0, 1)
+    return out
 
 # %% ../nbs/05_training.ipynb #83fbdc9b
 def batch_indices(n:int, batch_size:int, generator=None, rank:int=0, world:int=1):
