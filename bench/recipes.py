@@ -36,6 +36,7 @@ from results import RESULTS, save, table
 RECIPES = {   # name: TrainParams changes from the package's defaults ([train])
     'default': {},
     'ink 0 (the default before ink changes)': dict(ink=0),
+    'ink 1 (every image changed)': dict(ink=1),
     'digits-only, 20 epochs (the earlier default)': dict(outlier_share=0, ema=0, epochs=20),
     'weight 0.25': dict(outlier_weight=0.25),
     'share 0.125, weight 1': dict(outlier_share=0.125, outlier_weight=1.0),
