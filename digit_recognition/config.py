@@ -98,8 +98,8 @@ registered_model = digit-recognizer
 # The full recipe, used by digit-train (the training notebook's own defaults are a quick demo).
 model = cnn
 # Channels of the first convolution (the others 2x and 4x); the MLP's hidden layers are 16x, 8x and 4x.
-width = 16
-epochs = 14
+width = 24
+epochs = 11
 batch_size = 128
 lr = 0.02
 optimizer = adamw

@@ -21,7 +21,7 @@ from .config import (Settings, DigitError, get_device, seed_everything, typed,
 from .cli import cli
 from .data import load_cleaned
 from .outliers import load_outliers
-from .model import get_model
+from .model import model_for
 from .tracking import (connect_tracking, tracking_error, redact, git_commit, shipped_notebook,
                                         run_notebook, mark_stale_runs, use_experiment)
 from .training import (TrainParams, fit, plot_curves, resume_state, resume_conflicts, pick,
@@ -143,7 +143,8 @@ def _fit_worker(plan:dict|None,  # node 0: `params`, `out`, `state`, `run_id`, `
                              f"{plan['dataset_version']} (prepare the same data on every machine)")
         seed_everything(p.seed)
         log = rank == 0 and bool(plan['run_id'])                   # (no run id: nothing to record, a benchmark)
-        st = fit(get_model(p.model, width=p.width), data, plan['out'], p, on_epoch=_rank0_logger(plan) if log else None,
+        net = model_for(p.model, p.width, plan['state'] and plan['state']['model'])   # a resumed run's layout
+        st = fit(net, data, plan['out'], p, on_epoch=_rank0_logger(plan) if log else None,
                  state=plan['state'])
         return st if rank == 0 else {'run_id': plan['run_id']}
     except KeyboardInterrupt:          # Ctrl-C reaches every process (and the engine repeats it): the kernel says it
@@ -300,7 +301,7 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     uri = connect_tracking(s)
     use_experiment(experiment or s.get('mlflow', 'experiment'), uri)
     seed_everything(p.seed)
-    net = get_model(p.model, width=p.width)
+    net = model_for(p.model, p.width, state and state['model'])          # a resumed run keeps its layout
     try:
         run = mlflow.start_run(run_id=run_id or None, run_name=run_name or None)
     except Exception as e: raise tracking_error(uri, e) from None

@@ -23,7 +23,7 @@ import tqdm.auto, tqdm.std
 from .config import (Settings, DigitError, get_device, seed_everything, package_defaults, typed,
                                       atomic_write)
 from .outliers import load_outliers
-from .model import get_model
+from .model import get_model, model_for
 from .distributed import shard, world_info, rank_seed, mean_over_ranks, rank0_says, data_parallel
 from .tracking import RUN_ID
 
@@ -233,7 +233,7 @@ def model_from_checkpoint(path,   # a `best.pt` or `last.pt`, or the dict `load_
                          ) -> nn.Module:
     "Rebuild the model saved in a `best.pt` (or `last.pt`) checkpoint, in eval mode."
     ck = path if isinstance(path, dict) else load_checkpoint(path)
-    m = get_model(ck['params']['model'], width=ck['params'].get('width', 16))   # older checkpoints: width 16
+    m = model_for(ck['params']['model'], ck['params'].get('width', 16), ck['model'])   # older ones: width 16
     m.load_state_dict(ck['model'])
     return m.eval()
 
