@@ -128,7 +128,7 @@ def top_probability(net:nn.Module,     # `Probabilities`: a calibrated model
 
 def fit_rejection(net:nn.Module,     # `Probabilities`: the calibrated model
                   views:dict,        # {name: uint8 digits, N x 28 x 28}: the validation split, as photos, as drawings
-                  rate:float=0.005,  # at most this share of each view answered "not sure"
+                  rate:float=0.004,  # at most this share of each view answered "not sure"
                  ) -> dict:          # `reject_threshold`, and `rejected`: {view: the share below it}
     "The 'not sure' threshold on the top probability: the highest that refuses at most `rate` of each view of digits."
     conf = {k: top_probability(net, v) for k, v in views.items() if len(v)}
@@ -141,7 +141,7 @@ def calibrate_checkpoint(path,              # the run's `best.pt`, rewritten wit
                          y:torch.Tensor,    # their labels
                          n_bins:int=15,     # confidence bins of the ECE
                          views:dict|None=None,  # other views of the validation digits, {name: N x 28 x 28 uint8}
-                         reject_rate:float=0.005,  # the threshold refuses at most this share of each view
+                         reject_rate:float=0.004,  # the threshold refuses at most this share of each view
                         ) -> dict:          # what `calibrate` and `fit_rejection` measured
     "Calibrate the network in checkpoint `path` on `x`, `y`, fit its 'not sure' threshold, and store both in it."
     ck = load_checkpoint(path)
