@@ -35,7 +35,10 @@ from results import RESULTS, save, table
 
 RECIPES = {   # name: TrainParams changes from the package's defaults ([train]); pool_first: the CNN's layout
     'default': {},
+    'reject_rate 0.005': dict(reject_rate=0.005),
     'width 16, 14 epochs, BN before pooling (the default before)': dict(width=16, epochs=14, pool_first=False),
+    'width 16, 14 epochs, BN before pooling, reject_rate 0.005': dict(width=16, epochs=14, pool_first=False,
+                                                                      reject_rate=0.005),
     'ink 0 (the default before ink changes)': dict(ink=0),
     'ink 1 (every image changed)': dict(ink=1),
     'digits-only, 20 epochs (the earlier default)': dict(outlier_share=0, ema=0, epochs=20),

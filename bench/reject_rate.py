@@ -21,7 +21,8 @@ from digit_recognition.outliers import build_outliers
 from digit_recognition.calibration import probabilities_from_checkpoint, top_probability, reject_threshold
 
 RATES, BUDGET, CUTS = (0.003, 0.004, 0.005), 0.005, 20
-COLS = ['model', 'reject_rate', 'held-out half refused (worst view, mean)', 'cuts over 0.5%', 'tune non-digits not sure']
+COLS = ['model', 'reject_rate', 'held-out half refused (worst view, mean)', 'cuts over 0.5%',
+        'tune non-digits not sure']
 
 
 def held_out(conf:dict, out:np.ndarray, rate:float, rng) -> tuple:
