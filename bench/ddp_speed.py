@@ -30,7 +30,7 @@ def run(data, params:TrainParams, procs:int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         t0 = time.time()
         if procs == 1:
-            seed_everything(params.seed); st = fit(get_model(params.model), data, d, params)
+            seed_everything(params.seed); st = fit(get_model(params.model, width=params.width), data, d, params)
         else:
             plan = {'params': asdict(params), 'out': d, 'state': None, 'run_id': '', 'tracking_uri': '', 'trial': {},
                     'dataset_version': data.version}

@@ -32,10 +32,10 @@ TARGET = 0.99
 
 def run_fast(data, device, max_train_samples=0, seed=42):
     "Our recipe: the default CNN, one epoch of one-cycle AdamW on in-memory tensors."
-    p = TrainParams(model='cnn', epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle',
+    p = TrainParams(model='cnn', width=16, epochs=1, batch_size=128, lr=0.01, optimizer='adamw', schedule='onecycle',
                     weight_decay=5e-4, label_smoothing=0.1, augment=False, seed=seed, device=device,
                     max_train_samples=max_train_samples, patience=0, outlier_share=0, ema=0)   # digits only
-    seed_everything(seed); m = get_model('cnn'); rows, t = [], 0.0
+    seed_everything(seed); m = get_model('cnn', width=p.width); rows, t = [], 0.0
     def on_epoch(metrics, epoch):
         nonlocal t
         t += metrics['epoch_seconds']

@@ -141,7 +141,7 @@ def train_checkpoint(d):
     torch.set_num_threads(2)    # the same checkpoint on every machine and under `make test`'s OMP_NUM_THREADS=1:
     torch.manual_seed(42)       # floating-point sums, and so the weights, depend on the number of threads
     data = load_cleaned(splits=('train', 'val'))
-    fit(get_model('cnn'), data, d, p)
+    fit(get_model('cnn', width=p.width), data, d, p)
     finish_checkpoint(d, data, p)                                                   # as a training run does
     x = load_cleaned(splits=('test',)).test[0]
     np.save(d/'images.npy', x[:64].squeeze(1).numpy())

@@ -111,8 +111,9 @@ def _same_steps_worker(rank, d, q):
     finally: dist.destroy_process_group()
 
 
-SAME = dict(epochs=2, max_train_samples=1000, batch_size=100, augment=False, label_smoothing=0.0, lr=0.01, device='cpu',
-            patience=0, outlier_share=0,                      # (each process draws non-digits of its own)
+SAME = dict(model='mlp', width=16, epochs=2, max_train_samples=1000, batch_size=100, augment=False,
+            label_smoothing=0.0, lr=0.01, device='cpu', patience=0,
+            outlier_share=0,                                  # (each process draws non-digits of its own)
             precision='float32')                              # bfloat16 rounds each batch's half on its own
 
 
