@@ -40,7 +40,7 @@ def test_imports_come_from_the_wheel(installed):
               "print(t.training_notebook()); from digit_recognition.config import Settings; s = Settings(); "
               "print(s.root); print(s.lookup('train', 'epochs'))").stdout.splitlines()
     assert out[0].startswith(str(site)) and out[1].startswith(str(site))
-    assert out[2] == str(home) and out[3] == "(14, 'defaults')"
+    assert out[2] == str(home) and out[3] == "(11, 'defaults')"
 
 
 def test_every_command_works_outside_a_checkout(installed):
