@@ -280,9 +280,9 @@ def test_the_team_stack(engine, image, base_image, mnist_dir, tmp_path):
             if reachable(f"http://127.0.0.1:{port}/health"): break
             time.sleep(1)
         else: pytest.fail(c('logs', '--tail', '40'))
-        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', '-e', 'DIGIT_DATA_OUTLIERS=0',
-          '-e', 'DIGIT_DATA_VIEWS=0', 'tune', 'digit-data')        # MNIST only: what two tiny trials need
-        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000']
+        mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
+        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, 'tune', 'digit-data')
+        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only]
         workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
         codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
         logs = [engine('logs', w, check=False) for w in workers]
