@@ -47,6 +47,7 @@ RECIPES = {   # name: TrainParams changes from the package's defaults ([train]);
     'no EMA': dict(ema=0),
     '20 epochs': dict(epochs=20),
     'float32 (the default before bfloat16)': dict(precision='float32'),
+    'width 32': dict(width=32),
     'width 24, 14 epochs, BN before pooling': dict(width=24, epochs=14, pool_first=False),
     'width 24, 11 epochs, BN before pooling': dict(width=24, epochs=11, pool_first=False),
 }
