@@ -8,7 +8,8 @@ Docs: https://digit-recognition.github.io/digit-recognition/training.html.md"""
 __all__ = ['OPTIMIZERS', 'SCHEDULES', 'PRECISIONS', 'TRAIN_PARAMS', 'augment_batch', 'ink_batch', 'batch_indices', 'prep_images',
            'evaluate', 'progress_bar', 'uniform_loss', 'train_epoch', 'pick', 'make_optimizer', 'make_schedule',
            'native_bfloat16', 'forward_dtype', 'save_checkpoint', 'load_checkpoint', 'model_from_checkpoint',
-           'TrainParams', 'fit', 'plot_curves', 'resume_checkpoint', 'resume_state', 'resume_conflicts']
+           'TrainParams', 'check_network', 'fit', 'plot_curves', 'resume_checkpoint', 'resume_state',
+           'resume_conflicts']
 
 # %% ../nbs/05_training.ipynb #d2df2577
 import math, os, time
@@ -327,9 +328,20 @@ def _averaged(net:nn.Module, decay:float, state:dict|None=None):
     if state and 'ema' in state: avg.load_state_dict(state['ema'])
     return avg
 
+# %% ../nbs/05_training.ipynb #ec9af3fc
+def check_network(model:nn.Module,  # the network `fit` is given
+                  p:TrainParams,    # the run's knobs, which its checkpoints will record
+                 ):
+    "Refuse, in one line, a network that `p`'s checkpoints could not be loaded back into (`model_for`)."
+    want = model_for(p.model, p.width, model.state_dict()).state_dict()
+    if {k: v.shape for k, v in want.items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        raise DigitError(f"model: the network is not the {p.model} of width {p.width} that the run's parameters "
+                         "say (build it with model.model_for(params.model, params.width))")
+
 # %% ../nbs/05_training.ipynb #1b24ea53
 def _on_device(model:nn.Module, data, p:TrainParams, rank:int, world:int):
     "`(model, device, train, val, pool, outliers)` for this process: its share of validation, the non-digits' pool."
+    check_network(model, p)
     dev = get_device(p.device)
     (xt, yt), (xv, yv) = data.train, data.val
     if p.max_train_samples: xt, yt = xt[:p.max_train_samples], yt[:p.max_train_samples]
