@@ -10,8 +10,13 @@ The engine: the one the docker CLI reaches; else, as root where Debian's `docker
 this module (its images and layers kept in /var/tmp/digit-docker between runs, so later builds are cached) and
 stopped at the end. The base image: `python:3.11-slim` when the engine has it, else one made from Debian's packages
 by docker/debian-base.sh (debootstrap; built once, kept). Skipped, with the reason, where none of this is possible
-or where the disk has no room for a first build (about NEED_GB GB: a full disk would fail every other test)."""
+or where the disk has no room for a first build (about NEED_GB GB: a full disk would fail every other test).
+
+The slow steps overlap where they need not wait for each other: torch's wheels download while the base image is made,
+the team stack's images build while the project's image does, and the pipeline's container runs while the team stack's
+test does (it comes first)."""
 import http.server, json, os, re, shutil, signal, subprocess, threading, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 import pytest
@@ -109,10 +114,17 @@ class TorchArgs(list):
 
 
 @pytest.fixture(scope='module')
-def torch_source():
+def background():
+    "Threads for the module's slow steps that need not wait for each other (builds, the pipeline's container)."
+    with ThreadPoolExecutor(4) as pool: yield pool
+
+
+@pytest.fixture(scope='module')
+def torch_source(engine, background):
     """Build arguments for torch: the CPU index where it is reachable; else the default index, with torch's wheels (at
     constraints.txt's versions) served to the build over HTTP (PIP_FIND_LINKS) from a folder they are downloaded into
-    when the build first asks for them, that is, only when the image's torch layer is not cached."""
+    when the build first asks for them, that is, only when the image's torch layer is not cached (where there is no
+    image yet, they are downloaded at once, while the base image is made)."""
     if reachable('https://download.pytorch.org/whl/cpu/'): yield TorchArgs([]); return
     wheels, lock, failed = CACHE/'wheels', threading.Lock(), []
     pins = [l.strip() for l in (ROOT/'constraints.txt').read_text().splitlines()
@@ -133,6 +145,7 @@ def torch_source():
             except AssertionError as e: self.send_error(500, str(e)[-300:]); return
             super().do_GET()
         def log_message(self, *a): pass
+    if engine('image', 'inspect', IMAGE, check=False).returncode: background.submit(download)
     handler = partial(Wheels, directory=str(wheels))
     try: srv = http.server.ThreadingHTTPServer(('127.0.0.1', 48765), handler)   # one URL: the layer stays cached
     except OSError: srv = http.server.ThreadingHTTPServer(('127.0.0.1', free_port()), handler)
@@ -153,9 +166,28 @@ def room_to_build(engine) -> None:
 
 
 @pytest.fixture(scope='module')
-def image(engine, base_image, torch_source):
-    """The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder).
-    The wheels are removed once it is built: its torch layer stays cached, and they are 4 GB."""
+def team_images(engine, base_image, background):
+    """The team stack's PostgreSQL and MLflow images (deploy/), built in the background beside the project's image: a
+    function that waits for them and returns their names (None without Docker Compose). PostgreSQL: the official image
+    if the engine has it, else deploy/postgres.Dockerfile's, from Debian."""
+    from helpers import compose_command
+    if compose_command() is None: return None                   # the test says why it is skipped
+    pg = 'postgres:17'
+    def build(name, dockerfile):
+        engine('build', '--network', 'host', '-f', ROOT/'deploy'/dockerfile, '--build-arg', f"BASE_IMAGE={base_image}",
+               '-t', name, ROOT, timeout=900)
+        return name
+    if engine('image', 'inspect', pg, check=False).returncode != 0:
+        pg = background.submit(build, 'digit-postgres:test', 'postgres.Dockerfile')
+    mlflow = background.submit(build, 'digit-mlflow-server:test', 'mlflow.Dockerfile')
+    return lambda: (pg if isinstance(pg, str) else pg.result(), mlflow.result())
+
+
+@pytest.fixture(scope='module')
+def image(engine, base_image, torch_source, team_images):
+    """The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder),
+    while the team stack's images build. The wheels are removed once it is built: its torch layer stays cached, and
+    they are 4 GB."""
     room_to_build(engine)
     try: engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
                 ROOT, timeout=1800)
@@ -166,14 +198,21 @@ def image(engine, base_image, torch_source):
 
 
 @pytest.fixture(scope='module')
-def project(engine, image, mnist_dir, data_ready, tmp_path_factory):
-    "A project's folders on the host, the tiny pipeline run in the container on them; the folder and its output."
+def project_run(engine, image, mnist_dir, data_ready, tmp_path_factory, background):
+    """The tiny pipeline, run in the container on a project's folders on the host, in the background (the team stack's
+    test runs meanwhile): a function that waits for it and returns the folder, its mounts and the output."""
     d = tmp_path_factory.mktemp('docker-project')          # data/, runs/, ... do not exist: docker makes them
     mounts = [f"-v{d/h}:/app/{c}" for h, c in (('data', 'data'), ('dataset', 'dataset_cleaned'), ('runs', 'runs'),
                                                   ('results', 'training_results'))]
-    r = engine('run', '--rm', '--network', 'none', *mounts, '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist',
-               image, 'digit-pipeline', *TINY, timeout=900)
-    return d, mounts, r.stdout + r.stderr
+    r = background.submit(engine, 'run', '--rm', '--network', 'none', *mounts, '-v', f"{mnist_dir}:/mnist:ro", '-e',
+                          'MNIST_DIR=/mnist', image, 'digit-pipeline', *TINY, timeout=900)
+    return lambda: (d, mounts, r.result().stdout + r.result().stderr)
+
+
+@pytest.fixture(scope='module')
+def project(project_run):
+    "A project's folders on the host, the tiny pipeline run in the container on them; the folder and its output."
+    return project_run()
 
 
 def mnist_digits(n) -> tuple:
@@ -181,6 +220,58 @@ def mnist_digits(n) -> tuple:
     from digit_recognition.data import load_cleaned
     x, y = load_cleaned(splits=('test',)).test
     return x[:n, 0].numpy(), y[:n].tolist()
+
+
+def test_the_team_stack(engine, image, team_images, project_run, mnist_dir, tmp_path):
+    """deploy/compose.yaml brought up: PostgreSQL (`team_images`), the MLflow server with login, and two digit-tune
+    workers sharing one tiny study; then `down -v` leaves nothing behind. Docker Compose: the CLI's plugin or Debian's
+    docker-compose 1.29. First in the module: the pipeline's container (`project_run`) runs meanwhile."""
+    import base64, secrets
+    from helpers import compose_command
+    compose = compose_command()
+    if compose is None: pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install "
+                                    "docker-compose)")
+    pg, mlflow_image = team_images()                            # built while `image` was
+    password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
+    env_file = tmp_path/'env'
+    env_file.write_text(f"COMPOSE_PROJECT_NAME={project}\nPOSTGRES_PASSWORD={secrets.token_urlsafe(16)}\n"
+                        f"MLFLOW_ADMIN_PASSWORD={password}\nMLFLOW_SECRET_KEY={secrets.token_urlsafe(16)}\n"
+                        f"MLFLOW_TRACKING_PASSWORD={password}\nPOSTGRES_IMAGE={pg}\n"
+                        f"MLFLOW_IMAGE={mlflow_image}\nDIGIT_IMAGE={image}\nSTUDY=team\nTRIALS=2\n"
+                        f"POSTGRES_PORT={free_port()}\nMLFLOW_PORT={port}\n"
+                        f"MLFLOW_ALLOWED_HOSTS=mlflow:5000,127.0.0.1:{port}\n")     # the host names it answers to
+    def c(*args, timeout=600):
+        r = subprocess.run([*compose, '-f', ROOT/'deploy/compose.yaml', '--env-file', env_file, *map(str, args)],
+                           env=engine.env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, f"compose {' '.join(map(str, args))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+    try:
+        c('up', '-d', 'mlflow')                                      # after PostgreSQL is healthy
+        for _ in range(180):                                         # the published port, from this host
+            if reachable(f"http://127.0.0.1:{port}/health"): break
+            time.sleep(1)
+        else: pytest.fail(c('logs', '--tail', '40'))
+        mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
+        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, 'tune', 'digit-data')
+        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only]
+        workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
+        codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
+        logs = [engine('logs', w, check=False) for w in workers]
+        assert codes == ['0', '0'], [l.stdout[-2000:] + l.stderr[-2000:] for l in logs]
+        best = c('run', '--rm', 'tune', 'digit-tune', '--best', 'team', '--storage',
+                 'postgresql://digit@postgres:5432/optuna')
+        assert len(re.findall(r'\|\s*ok\s*\|', best)) >= 2, best                   # the trials' table
+        auth = base64.b64encode(f"admin:{password}".encode()).decode()     # the runs, on the MLflow server
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+                                     json.dumps({'max_results': 100}).encode(),
+                                     {'Authorization': f"Basic {auth}", 'Content-Type': 'application/json'})
+        names = [e['name'] for e in json.loads(urllib.request.urlopen(req, timeout=30).read())['experiments']]
+        assert len(names) >= 2, names
+    finally:
+        c('down', '-v', '--remove-orphans')
+        for w in locals().get('workers', []): engine('rm', '-fv', w, check=False)
+    left = engine('volume', 'ls', '-q', '--filter', f"label=com.docker.compose.project={project}").stdout
+    assert left.strip() == ''
 
 
 def test_pipeline_on_bind_mounts(project):
@@ -243,61 +334,3 @@ def test_an_unwritable_folder_is_one_line(engine, image, tmp_path):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and '/app/runs is not writable by uid 1234' in lines[0], r.stderr
-
-
-def test_the_team_stack(engine, image, base_image, mnist_dir, tmp_path):
-    """deploy/compose.yaml brought up: PostgreSQL (the official image if the engine has it, else deploy/postgres.
-    Dockerfile's, from Debian), the MLflow server with login, and two digit-tune workers sharing one tiny study; then
-    `down -v` leaves nothing behind. Docker Compose: the CLI's plugin or Debian's docker-compose 1.29."""
-    import base64, secrets
-    from helpers import compose_command
-    compose = compose_command()
-    if compose is None: pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install "
-                                    "docker-compose)")
-    pg = 'postgres:17'
-    if engine('image', 'inspect', pg, check=False).returncode != 0:
-        pg = 'digit-postgres:test'
-        engine('build', '--network', 'host', '-f', ROOT/'deploy/postgres.Dockerfile', '--build-arg',
-               f"BASE_IMAGE={base_image}", '-t', pg, ROOT, timeout=900)
-    engine('build', '--network', 'host', '-f', ROOT/'deploy/mlflow.Dockerfile', '--build-arg',
-           f"BASE_IMAGE={base_image}", '-t', 'digit-mlflow-server:test', ROOT, timeout=900)
-    password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
-    env_file = tmp_path/'env'
-    env_file.write_text(f"COMPOSE_PROJECT_NAME={project}\nPOSTGRES_PASSWORD={secrets.token_urlsafe(16)}\n"
-                        f"MLFLOW_ADMIN_PASSWORD={password}\nMLFLOW_SECRET_KEY={secrets.token_urlsafe(16)}\n"
-                        f"MLFLOW_TRACKING_PASSWORD={password}\nPOSTGRES_IMAGE={pg}\n"
-                        f"MLFLOW_IMAGE=digit-mlflow-server:test\nDIGIT_IMAGE={image}\nSTUDY=team\nTRIALS=2\n"
-                        f"POSTGRES_PORT={free_port()}\nMLFLOW_PORT={port}\n"
-                        f"MLFLOW_ALLOWED_HOSTS=mlflow:5000,127.0.0.1:{port}\n")     # the host names it answers to
-    def c(*args, timeout=600):
-        r = subprocess.run([*compose, '-f', ROOT/'deploy/compose.yaml', '--env-file', env_file, *map(str, args)],
-                           env=engine.env, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, f"compose {' '.join(map(str, args))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r.stdout
-    try:
-        c('up', '-d', 'mlflow')                                      # after PostgreSQL is healthy
-        for _ in range(180):                                         # the published port, from this host
-            if reachable(f"http://127.0.0.1:{port}/health"): break
-            time.sleep(1)
-        else: pytest.fail(c('logs', '--tail', '40'))
-        mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
-        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, 'tune', 'digit-data')
-        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only]
-        workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
-        codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
-        logs = [engine('logs', w, check=False) for w in workers]
-        assert codes == ['0', '0'], [l.stdout[-2000:] + l.stderr[-2000:] for l in logs]
-        best = c('run', '--rm', 'tune', 'digit-tune', '--best', 'team', '--storage',
-                 'postgresql://digit@postgres:5432/optuna')
-        assert len(re.findall(r'\|\s*ok\s*\|', best)) >= 2, best                   # the trials' table
-        auth = base64.b64encode(f"admin:{password}".encode()).decode()     # the runs, on the MLflow server
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
-                                     json.dumps({'max_results': 100}).encode(),
-                                     {'Authorization': f"Basic {auth}", 'Content-Type': 'application/json'})
-        names = [e['name'] for e in json.loads(urllib.request.urlopen(req, timeout=30).read())['experiments']]
-        assert len(names) >= 2, names
-    finally:
-        c('down', '-v', '--remove-orphans')
-        for w in locals().get('workers', []): engine('rm', '-fv', w, check=False)
-    left = engine('volume', 'ls', '-q', '--filter', f"label=com.docker.compose.project={project}").stdout
-    assert left.strip() == ''
