@@ -27,7 +27,7 @@ from .tracking import (connect_tracking, tracking_error, redact, git_commit, shi
 from .training import (TrainParams, fit, plot_curves, resume_state, resume_conflicts, pick,
                                         forward_dtype)
 from .calibration import finish_checkpoint
-from .mlmodel import dataset_input, log_model
+from .mlmodel import log_dataset, log_model
 
 # %% ../nbs/05c_launch.ipynb #f12f128e
 def make_pruner(name:str='median',     # 'median', 'hyperband' or 'none'
@@ -240,9 +240,7 @@ def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings,
                      'torch_version': torch.__version__, 'checkpoint_dir': str(out),
                      'host': socket.gethostname(), 'pid': str(os.getpid()),   # see `mark_stale_runs`
                      'world_size': str(world), 'forward_dtype': str(fwd or 'float32').removeprefix('torch.')})
-    if not resumed:
-        mlflow.log_input(dataset_input(data, s.path('paths', 'cleaned_dir')), context='training',
-                         tags={'dataset_version': data.version})
+    if not resumed: log_dataset(data, s.path('paths', 'cleaned_dir'))
     if params.outlier_share > 0 and (pool := load_outliers(data, s)):     # made now, once, if not current
         mlflow.set_tag('outliers_version', pool['version'])
     if world > 1:                    # the workers train; rank 0 logs each epoch into this run

@@ -93,9 +93,9 @@ def use_experiment(name:str, uri:str):
     "Make `name` the active MLflow experiment, creating it (artifacts beside a SQLite store) if it does not exist."
     import mlflow
     from mlflow.exceptions import MlflowException
-    if uri.startswith('sqlite:///') and mlflow.get_experiment_by_name(name) is None:
-        where = Path(uri.removeprefix('sqlite:///')).parent/'mlruns'
-        try: mlflow.create_experiment(name, artifact_location=where.as_uri())
+    if mlflow.get_experiment_by_name(name) is None:     # made here, not by set_experiment: see below
+        where = Path(uri.removeprefix('sqlite:///')).parent/'mlruns' if uri.startswith('sqlite:///') else None
+        try: mlflow.create_experiment(name, artifact_location=where and where.as_uri())
         except MlflowException: pass        # another process made it meanwhile
     return mlflow.set_experiment(name)
 

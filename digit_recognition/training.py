@@ -328,7 +328,7 @@ def _averaged(net:nn.Module, decay:float, state:dict|None=None):
     if state and 'ema' in state: avg.load_state_dict(state['ema'])
     return avg
 
-# %% ../nbs/05_training.ipynb #ec9af3fc
+# %% ../nbs/05_training.ipynb #c5e83844
 def check_network(model:nn.Module,  # the network `fit` is given
                   p:TrainParams,    # the run's knobs, which its checkpoints will record
                  ):

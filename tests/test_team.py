@@ -136,6 +136,54 @@ def test_two_workers_and_a_killed_one(postgres, mlflow_pg_server, data_ready, tm
           f"{len(ts)} trials: {[(t.number, t.state.name) for t in ts]}")
 
 
+RACER = """
+import sys, time
+from pathlib import Path
+import mlflow
+from digit_recognition.config import Settings
+from digit_recognition.data import load_cleaned
+from digit_recognition.mlmodel import log_dataset
+from digit_recognition.tracking import use_experiment
+data, d, i = load_cleaned(splits=('val',)), Path(sys.argv[1]), sys.argv[2]
+def step(name):                                            # wait until the test says go
+    (d/f'{name}-ready-{i}').touch()
+    while not (d/f'{name}-go').exists(): time.sleep(0.001)
+step('experiment')
+use_experiment('one-dataset', mlflow.get_tracking_uri())
+with mlflow.start_run():
+    step('dataset')
+    log_dataset(data, Settings().path('paths', 'cleaned_dir'))
+"""
+
+
+@pytest.mark.slow
+def test_first_runs_of_a_new_experiment_at_once(mlflow_pg_server, data_ready, tmp_path):
+    """Six processes make the same new experiment at one moment, then log the same dataset into a run of it at one
+    moment, as a study's workers do with their first trials: every run is in that experiment and has the dataset.
+    (MLflow's `set_experiment` would leave the runs of those whose create lost in 'Default': `use_experiment` creates
+    it first. MLflow's store looks for the dataset, then inserts it: the inserts that lose fail on its unique key, and
+    `log_dataset` tries them again.)"""
+    import mlflow
+    uri, user, pw = mlflow_pg_server
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith('MLFLOW_')}, 'MLFLOW_TRACKING_URI': uri,
+           'MLFLOW_TRACKING_USERNAME': user, 'MLFLOW_TRACKING_PASSWORD': pw}
+    n, deadline = 6, time.time() + 240
+    procs = [subprocess.Popen([sys.executable, '-c', RACER, tmp_path, str(i)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+    for name in ('experiment', 'dataset'):                      # each step: all at once
+        while not all((tmp_path/f'{name}-ready-{i}').exists() for i in range(n)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.poll() for p in procs]
+            time.sleep(0.05)
+        (tmp_path/f'{name}-go').touch()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0]*n, [o[-1500:] for o in outs]
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {'one-dataset'}
+    assert len(runs) == n and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+
+
 @pytest.mark.slow
 def test_parallel_first_runs_on_a_fresh_sqlite_store(tmp_path):
     """Four processes start at the same moment on a SQLite store that does not exist yet and each log three runs.

@@ -27,7 +27,8 @@ GROUPS = {'mlflow-server-a': ('tests/test_training_mlflow.py::test_run_is_record
           'digit-serve': ('tests/test_serve.py::',),                                   # one digit-serve
           'served-model': ('tests/test_client.py::test_predict_through_a_served_model',  # served
                            'tests/test_client.py::test_served_model_checks_its_input'),
-          'postgres': ('tests/test_team.py::test_two_workers_and_a_killed_one',),     # PostgreSQL, its MLflow server
+          'postgres': ('tests/test_team.py::test_two_workers_and_a_killed_one',        # PostgreSQL, its MLflow server
+                       'tests/test_team.py::test_first_runs_of_a_new_experiment_at_once'),
           'docker': ('tests/test_docker.py::',),                          # one image, one engine
           'docs': ('tests/test_docs.py::',)}                              # every notebook rendered once
 
