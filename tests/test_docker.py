@@ -13,8 +13,8 @@ by docker/debian-base.sh (debootstrap; built once, kept). Skipped, with the reas
 or where the disk has no room for a first build (about NEED_GB GB: a full disk would fail every other test).
 
 The slow steps overlap where they need not wait for each other: torch's wheels download while the base image is made,
-the team stack's images build while the project's image does, and the pipeline's container runs while the team stack's
-test does (it comes first)."""
+the team stack's images build and its PostgreSQL and MLflow server start while the project's image builds, and the
+pipeline's container runs while the team stack's test does (it comes first)."""
 import http.server, json, os, re, shutil, signal, subprocess, threading, time, urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -184,10 +184,44 @@ def team_images(engine, base_image, background):
 
 
 @pytest.fixture(scope='module')
-def image(engine, base_image, torch_source, team_images):
+def team_stack(engine, team_images, background, tmp_path_factory):
+    """deploy/compose.yaml's PostgreSQL and MLflow server with login, brought up in the background as soon as their
+    images are built (the tune workers wait for the project's image): a function that waits for the MLflow server to
+    answer on its published port and returns `(compose, port, password, project)`, `compose(*args)` running docker
+    compose on the stack (None without Docker Compose). Taken down, volumes and all, at the end of the module."""
+    import secrets
+    from helpers import compose_command
+    if team_images is None: yield None; return
+    d, compose = tmp_path_factory.mktemp('team-stack'), compose_command()
+    password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
+    def c(*args, timeout=600):
+        r = subprocess.run([*compose, '-f', ROOT/'deploy/compose.yaml', '--env-file', d/'env', *map(str, args)],
+                           env=engine.env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, f"compose {' '.join(map(str, args))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+    def up():
+        pg, mlflow_image = team_images()
+        (d/'env').write_text(f"COMPOSE_PROJECT_NAME={project}\nPOSTGRES_PASSWORD={secrets.token_urlsafe(16)}\n"
+                             f"MLFLOW_ADMIN_PASSWORD={password}\nMLFLOW_SECRET_KEY={secrets.token_urlsafe(16)}\n"
+                             f"MLFLOW_TRACKING_PASSWORD={password}\nPOSTGRES_IMAGE={pg}\n"
+                             f"MLFLOW_IMAGE={mlflow_image}\nDIGIT_IMAGE={IMAGE}\nSTUDY=team\nTRIALS=2\n"
+                             f"POSTGRES_PORT={free_port()}\nMLFLOW_PORT={port}\n"
+                             f"MLFLOW_ALLOWED_HOSTS=mlflow:5000,127.0.0.1:{port}\n")   # the host names it answers to
+        c('up', '-d', 'mlflow')                                      # after PostgreSQL is healthy
+        for _ in range(180):                                         # the published port, from this host
+            if reachable(f"http://127.0.0.1:{port}/health"): return c, port, password, project
+            time.sleep(1)
+        raise AssertionError(f"the MLflow server did not answer:\n{c('logs', '--tail', '40')}")
+    started = background.submit(up)
+    yield started.result
+    if (d/'env').exists(): c('down', '-v', '--remove-orphans')      # again, if the test did not get there
+
+
+@pytest.fixture(scope='module')
+def image(engine, base_image, torch_source, team_stack):
     """The project's image, built from the Dockerfile (`--network host`: pip reaches the index and the wheel folder),
-    while the team stack's images build. The wheels are removed once it is built: its torch layer stays cached, and
-    they are 4 GB."""
+    while the team stack's images build and its servers start. The wheels are removed once it is built: its torch
+    layer stays cached, and they are 4 GB."""
     room_to_build(engine)
     try: engine('build', '--network', 'host', '--build-arg', f"BASE_IMAGE={base_image}", *torch_source, '-t', IMAGE,
                 ROOT, timeout=1800)
@@ -222,35 +256,16 @@ def mnist_digits(n) -> tuple:
     return x[:n, 0].numpy(), y[:n].tolist()
 
 
-def test_the_team_stack(engine, image, team_images, project_run, mnist_dir, tmp_path):
-    """deploy/compose.yaml brought up: PostgreSQL (`team_images`), the MLflow server with login, and two digit-tune
-    workers sharing one tiny study; then `down -v` leaves nothing behind. Docker Compose: the CLI's plugin or Debian's
-    docker-compose 1.29. First in the module: the pipeline's container (`project_run`) runs meanwhile."""
-    import base64, secrets
-    from helpers import compose_command
-    compose = compose_command()
-    if compose is None: pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install "
-                                    "docker-compose)")
-    pg, mlflow_image = team_images()                            # built while `image` was
-    password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
-    env_file = tmp_path/'env'
-    env_file.write_text(f"COMPOSE_PROJECT_NAME={project}\nPOSTGRES_PASSWORD={secrets.token_urlsafe(16)}\n"
-                        f"MLFLOW_ADMIN_PASSWORD={password}\nMLFLOW_SECRET_KEY={secrets.token_urlsafe(16)}\n"
-                        f"MLFLOW_TRACKING_PASSWORD={password}\nPOSTGRES_IMAGE={pg}\n"
-                        f"MLFLOW_IMAGE={mlflow_image}\nDIGIT_IMAGE={image}\nSTUDY=team\nTRIALS=2\n"
-                        f"POSTGRES_PORT={free_port()}\nMLFLOW_PORT={port}\n"
-                        f"MLFLOW_ALLOWED_HOSTS=mlflow:5000,127.0.0.1:{port}\n")     # the host names it answers to
-    def c(*args, timeout=600):
-        r = subprocess.run([*compose, '-f', ROOT/'deploy/compose.yaml', '--env-file', env_file, *map(str, args)],
-                           env=engine.env, capture_output=True, text=True, timeout=timeout)
-        assert r.returncode == 0, f"compose {' '.join(map(str, args))}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r.stdout
+def test_the_team_stack(engine, image, team_stack, project_run, mnist_dir):
+    """deploy/compose.yaml brought up (`team_stack`: PostgreSQL and the MLflow server with login, started while the
+    project's image was built), then two digit-tune workers sharing one tiny study; then `down -v` leaves nothing
+    behind. Docker Compose: the CLI's plugin or Debian's docker-compose 1.29. First in the module: the pipeline's
+    container (`project_run`) runs meanwhile."""
+    import base64
+    if team_stack is None: pytest.skip("neither `docker compose` nor docker-compose is installed (apt-get install "
+                                       "docker-compose)")
+    c, port, password, project = team_stack()
     try:
-        c('up', '-d', 'mlflow')                                      # after PostgreSQL is healthy
-        for _ in range(180):                                         # the published port, from this host
-            if reachable(f"http://127.0.0.1:{port}/health"): break
-            time.sleep(1)
-        else: pytest.fail(c('logs', '--tail', '40'))
         mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
         c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, 'tune', 'digit-data')
         tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only]
