@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 import pytest
 from PIL import Image
-from helpers import ROOT, free_port
+from helpers import ROOT, compose_command, free_port
 
 pytestmark = pytest.mark.slow
 CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data: kept between runs
@@ -170,7 +170,6 @@ def team_images(engine, base_image, background):
     """The team stack's PostgreSQL and MLflow images (deploy/), built in the background beside the project's image: a
     function that waits for them and returns their names (None without Docker Compose). PostgreSQL: the official image
     if the engine has it, else deploy/postgres.Dockerfile's, from Debian."""
-    from helpers import compose_command
     if compose_command() is None: return None                   # the test says why it is skipped
     pg = 'postgres:17'
     def build(name, dockerfile):
@@ -190,7 +189,6 @@ def team_stack(engine, team_images, background, tmp_path_factory):
     answer on its published port and returns `(compose, port, password, project)`, `compose(*args)` running docker
     compose on the stack (None without Docker Compose). Taken down, volumes and all, at the end of the module."""
     import secrets
-    from helpers import compose_command
     if team_images is None: yield None; return
     d, compose = tmp_path_factory.mktemp('team-stack'), compose_command()
     password, project, port = secrets.token_urlsafe(16), f"digit-team-test-{os.getpid()}", free_port()
