@@ -19,14 +19,17 @@ NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
-setup: $(BIN)/.installed  ## create .venv and install the package (editable) with the dev extra
-$(BIN)/.installed: pyproject.toml constraints.txt
+# The stamp is named by the content of pyproject.toml and constraints.txt, not their dates: nbdev-export rewrites
+# pyproject.toml unchanged, and that alone must not reinstall everything before the next test run.
+INSTALLED := $(BIN)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+setup: $(INSTALLED)  ## create .venv and install the package (editable) with the dev extra
+$(INSTALLED):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	for c in export clean test readme; do ln -sf nbdev-$$c $(BIN)/nbdev_$$c; done  # nbdev 2 names, still in guides and hooks
-	touch $@
+	rm -f $(BIN)/.installed*; touch $@
 
 lock: setup  ## upgrade every dependency within pyproject.toml's ranges and rewrite constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade -e '.[dev]'

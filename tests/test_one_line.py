@@ -62,10 +62,10 @@ def test_settings_that_cannot_work(run_cli, image, tmp_path):
     one_line(run_cli('digit-data', env={'DIGIT_HOME': '/proc/self'}), '/proc/')
 
 
-@pytest.mark.slow            # six commands, each importing torch, MLflow and Optuna before it checks: half a minute
+@pytest.mark.slow            # six commands, each importing torch, MLflow and Optuna before it checks: a minute
 def test_a_search_space_checked_before_any_trial(run_cli, tmp_path):
+    "Each mistake is one line before any trial starts: no tracking store is even created."
     env = {'DIGIT_PATHS_RESULTS_DIR': str(tmp_path), 'MLFLOW_TRACKING_URI': f"sqlite:///{tmp_path/'m.db'}"}
-    t0 = time.time()
     one_line(run_cli('digit-tune', '--space', 'batch_size = choice 0,-5', '--trials', '1', env=env),
              'batch_size: 0 (expected at least 1)')
     one_line(run_cli('digit-tune', '--space', 'lr = int 1 2', env=env), 'lr is a parameter of type float')
@@ -73,7 +73,7 @@ def test_a_search_space_checked_before_any_trial(run_cli, tmp_path):
     one_line(run_cli('digit-tune', '--timeout', '-1', env=env), '--timeout')
     one_line(run_cli('digit-tune', '--try', 'lr=fast', env=env), '--try lr=fast')
     one_line(run_cli('digit-sweep', '--grid', 'lr=0.01', '--jobs', '0', env=env), '--jobs: expected at least 1')
-    assert time.time() - t0 < 120 and not (tmp_path/'m.db').exists()                # no run, no trial
+    assert not (tmp_path/'m.db').exists()                                          # no run, no trial
 
 
 def test_a_rendezvous_port_in_use(run_cli, tmp_path):
