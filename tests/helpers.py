@@ -137,7 +137,8 @@ def train_checkpoint(d):
     from digit_recognition.model import get_model
     from digit_recognition.training import fit, TrainParams
     from digit_recognition.calibration import finish_checkpoint
-    p = TrainParams(epochs=3, seed=42, device='cpu', max_train_samples=30000, patience=0, width=16)   # shorter, narrower
+    p = TrainParams(epochs=3, seed=42, device='cpu', max_train_samples=30000, patience=0,   # the recipe, shorter
+                    width=16)                                                    # and narrower
     torch.set_num_threads(2)    # the same checkpoint on every machine and under `make test`'s OMP_NUM_THREADS=1:
     torch.manual_seed(42)       # floating-point sums, and so the weights, depend on the number of threads
     data = load_cleaned(splits=('train', 'val'))
