@@ -41,7 +41,7 @@ def kill_machine(proc) -> list:
 
 
 @pytest.mark.slow
-def test_two_workers_and_a_killed_one(postgres, mlflow_pg_server, data_ready, tmp_path):
+def test_two_workers_and_a_killed_one(postgres, mlflow_pg_server, data_ready, tmp_path, monkeypatch):
     """Two `digit-tune` workers, as two machines, start one 6-trial study at the same time: the study in PostgreSQL,
     the runs on an MLflow server (basic-auth) on PostgreSQL. One is SIGKILLed with its kernel in the middle of a
     trial and a third takes its place. The study ends with 6 counted trials, each finished trial a child run of the
@@ -68,7 +68,8 @@ def test_two_workers_and_a_killed_one(postgres, mlflow_pg_server, data_ready, tm
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     logs = lambda: {i: f.read_text() for i in range(3) if (f := tmp_path/f'worker{i}.log').exists()}
     storage = postgres.url('optuna')
-    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
+    for k, v in dict(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw).items():
+        monkeypatch.setenv(k, v)      # this test's client only: the worker's later tests get no login
     client = mlflow.MlflowClient(uri)
     t0 = time.time()
     workers = [worker(0), worker(1)]
@@ -157,7 +158,7 @@ with mlflow.start_run(tags={'racer': i}):
 
 
 @pytest.mark.slow
-def test_first_runs_of_a_new_experiment_at_once(mlflow_pg_server, data_ready, tmp_path):
+def test_first_runs_of_a_new_experiment_at_once(mlflow_pg_server, data_ready, tmp_path, monkeypatch):
     """Six processes make the same new experiment at one moment, then log the same dataset into a run of it at one
     moment, as a study's workers do with their first trials: every run is in that experiment and has the dataset.
     (MLflow's `set_experiment` would leave the runs of those whose create lost in 'Default': `use_experiment` creates
@@ -177,7 +178,8 @@ def test_first_runs_of_a_new_experiment_at_once(mlflow_pg_server, data_ready, tm
         (tmp_path/f'{name}-go').touch()
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0]*n, [o[-1500:] for o in outs]
-    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
+    for k, v in dict(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw).items():
+        monkeypatch.setenv(k, v)      # this test's client only: the worker's later tests get no login
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.racer != ''")
     assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {'one-dataset'}
