@@ -35,10 +35,19 @@ def docker_cli() -> str|None:
     return '/usr/bin/docker' if os.access('/usr/bin/docker', os.X_OK) else shutil.which('docker')
 
 
+def threads() -> list:
+    """`-e` options passing this process's OpenMP settings on to a container (`make test` sets one thread, no spinning):
+    a container does not inherit them, and the pipeline's container, two tune workers and pytest's workers each
+    spinning two OpenMP threads on two cores made the pipeline take over 15 minutes in CI."""
+    return [o for k in ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY') if k in os.environ
+            for o in ('-e', f"{k}={os.environ[k]}")]
+
+
 class Engine:
     "The docker CLI `cli` talking to an engine (`env` names its socket); `run` a docker command, return its result."
     def __init__(self, cli, env): self.cli, self.env = cli, env
     def __call__(self, *args, timeout=600, check=True, **kw) -> subprocess.CompletedProcess:
+        if args[:1] == ('run',): args = ('run', *threads(), *args[1:])
         r = subprocess.run([self.cli, *map(str, args)], env=self.env, capture_output=True, text=True,
                            timeout=timeout, **kw)
         cmd = ' '.join(map(str, args))[:200]
@@ -237,7 +246,7 @@ def project_run(engine, image, mnist_dir, data_ready, tmp_path_factory, backgrou
     mounts = [f"-v{d/h}:/app/{c}" for h, c in (('data', 'data'), ('dataset', 'dataset_cleaned'), ('runs', 'runs'),
                                                   ('results', 'training_results'))]
     r = background.submit(engine, 'run', '--rm', '--network', 'none', *mounts, '-v', f"{mnist_dir}:/mnist:ro", '-e',
-                          'MNIST_DIR=/mnist', image, 'digit-pipeline', *TINY, timeout=900)
+                          'MNIST_DIR=/mnist', image, 'digit-pipeline', *TINY, timeout=1800)
     return lambda: (d, mounts, r.result().stdout + r.result().stderr)
 
 
@@ -265,8 +274,9 @@ def test_the_team_stack(engine, image, team_stack, project_run, mnist_dir):
     c, port, password, project = team_stack()
     try:
         mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
-        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, 'tune', 'digit-data')
-        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only]
+        c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, *threads(), 'tune',
+          'digit-data')
+        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only, *threads()]
         workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
         codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
         logs = [engine('logs', w, check=False) for w in workers]
