@@ -76,9 +76,10 @@ def calibrate(model:nn.Module,     # the classifier (it returns logits)
               x:torch.Tensor,      # uint8 images of the split to calibrate on (the validation split), N x 1 x 28 x 28
               y:torch.Tensor,      # their labels
               n_bins:int=15,       # confidence bins of the ECE
+              logits:torch.Tensor|None=None,  # `predict_logits(model, x)`, if already computed
              ) -> dict:            # `temperature`, `ece_uncalibrated`, `ece`, `accuracy`
     "Fit `model`'s temperature on `x`, `y`; with the ECE on them before (T = 1) and after."
-    z = predict_logits(model, x)
+    z = predict_logits(model, x) if logits is None else logits
     y = torch.as_tensor(y).cpu()
     t = fit_temperature(z, y)
     def ece(t):
@@ -120,18 +121,20 @@ def reject_threshold(confidence:np.ndarray,  # the calibrated top probability of
 # %% ../nbs/05a_calibration.ipynb #939cb339
 def top_probability(net:nn.Module,     # `Probabilities`: a calibrated model
                     x,                 # uint8 images, N x 28 x 28 or N x 1 x 28 x 28 (numpy or torch)
+                    logits:torch.Tensor|None=None,  # `net.model`'s logits of `x`, if already computed
                    ) -> np.ndarray:    # N values in 0..1
     "The calibrated probability of the best class of each of `x`, computed in batches."
-    x = torch.as_tensor(np.asarray(x)).reshape(-1, 1, 28, 28)
-    t = getattr(net, 'temperature', 1.0)
-    return torch.softmax(predict_logits(net.model, x)/t, dim=1).max(1).values.numpy()
+    if logits is None: logits = predict_logits(net.model, torch.as_tensor(np.asarray(x)).reshape(-1, 1, 28, 28))
+    return torch.softmax(logits/getattr(net, 'temperature', 1.0), dim=1).max(1).values.numpy()
 
 def fit_rejection(net:nn.Module,     # `Probabilities`: the calibrated model
                   views:dict,        # {name: uint8 digits, N x 28 x 28}: the validation split, as photos, as drawings
                   rate:float=0.004,  # at most this share of each view answered "not sure"
+                  logits:dict|None=None,  # {name: `net.model`'s logits of that view}, for views already computed
                  ) -> dict:          # `reject_threshold`, and `rejected`: {view: the share below it}
     "The 'not sure' threshold on the top probability: the highest that refuses at most `rate` of each view of digits."
-    conf = {k: top_probability(net, v) for k, v in views.items() if len(v)}
+    logits = logits or {}
+    conf = {k: top_probability(net, v, logits.get(k)) for k, v in views.items() if len(v)}
     t = min(reject_threshold(c, rate) for c in conf.values())
     return {'reject_threshold': t, 'rejected': {k: float((c < t).mean()) for k, c in conf.items()}}
 
@@ -146,8 +149,9 @@ def calibrate_checkpoint(path,              # the run's `best.pt`, rewritten wit
     "Calibrate the network in checkpoint `path` on `x`, `y`, fit its 'not sure' threshold, and store both in it."
     ck = load_checkpoint(path)
     net = model_from_checkpoint(ck)
-    r = calibrate(net, x, y, n_bins)
-    rej = fit_rejection(Probabilities(net, r['temperature']), {'val': x, **(views or {})}, reject_rate)
+    z = predict_logits(net, x)         # once: the temperature and the threshold are both fitted on them
+    r = calibrate(net, x, y, n_bins, logits=z)
+    rej = fit_rejection(Probabilities(net, r['temperature']), {'val': x, **(views or {})}, reject_rate, {'val': z})
     save_checkpoint(path, **{**ck, 'temperature': r['temperature'], 'val_ece_uncalibrated': r['ece_uncalibrated'],
                              'val_ece': r['ece'], 'reject_threshold': rej['reject_threshold'],
                              'reject_rate': reject_rate, 'rejected': rej['rejected']})
