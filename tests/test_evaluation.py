@@ -161,7 +161,7 @@ def test_pipeline_reuses_current_stages(tmp_path, run_cli, data_ready):
     assert 'not registered' in failed.stdout and failed.stderr.strip().endswith('is below the minimum 0.9999')
 
 
-def test_registry_on_the_login_server(mlflow_server, server_run, run_cli):
+def test_registry_on_the_login_server(mlflow_server, server_run, run_cli, monkeypatch):
     "The session's tiny run on the login server (conftest.server_run) is evaluated and registered there."
     uri, user, pw = mlflow_server
     rid, results, _ = server_run
@@ -171,8 +171,8 @@ def test_registry_on_the_login_server(mlflow_server, server_run, run_cli):
     r = run_cli('digit-evaluate', rid, '--min-accuracy', '0.2', '--quiet',
                 env={**env, 'DIGIT_MLFLOW_REGISTERED_MODEL': name}, check=0)
     assert 'champion' in r.stdout and pw not in r.stdout + r.stderr
-    import os
-    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
+    monkeypatch.setenv('MLFLOW_TRACKING_USERNAME', user)     # this test's client only, not the worker's later tests
+    monkeypatch.setenv('MLFLOW_TRACKING_PASSWORD', pw)
     c = client_for(uri)
     v = c.get_model_version_by_alias(name, 'champion')
     assert v.run_id == rid and v.tags['decision'] == 'champion'

@@ -9,11 +9,16 @@ from helpers import TINY_RUN as TINY, server_env, together
 
 @pytest.fixture(scope='module')
 def client(mlflow_server):
+    "An MLflow client of the login server, for this module only: the worker's later tests get neither login nor URI."
     import os, mlflow
     uri, user, pw = mlflow_server
-    os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=pw)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
+    before = os.environ.get('MLFLOW_TRACKING_URI')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('MLFLOW_TRACKING_USERNAME', user)
+        mp.setenv('MLFLOW_TRACKING_PASSWORD', pw)
+        mlflow.set_tracking_uri(uri)
+        yield mlflow.MlflowClient(uri)
+    mlflow.set_tracking_uri(before)        # MLflow's own and the environment's, as they were
 
 
 @pytest.fixture(scope='module')
