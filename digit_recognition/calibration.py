@@ -18,8 +18,8 @@ from torch import nn
 from .config import Settings
 from .views import load_views
 from .model import export_onnx
-from .training import (TrainParams, batch_indices, prep_images, load_checkpoint, save_checkpoint,
-                                        model_from_checkpoint)
+from .training import (TrainParams, batch_indices, prep_images, convolutional, load_checkpoint,
+                                        save_checkpoint, model_from_checkpoint)
 
 # %% ../nbs/05a_calibration.ipynb #25f80895
 def calibration(confidence:np.ndarray,  # the probability of each predicted class, N values in 0..1
@@ -47,7 +47,7 @@ def predict_logits(model:nn.Module,      # the classifier (it returns logits); l
                   ) -> torch.Tensor:     # N x classes, float32, on the CPU
     "The logits of `model` for uint8 images `x`, computed in batches where `model` is."
     device = next(model.parameters()).device
-    cl = any(isinstance(l, nn.Conv2d) for l in model.modules())
+    cl = convolutional(model)
     model.eval()
     return torch.cat([model(prep_images(x[idx], device, cl)).float().cpu()
                       for idx in batch_indices(len(x), batch_size)])

@@ -24,8 +24,8 @@ from .data import load_cleaned, show_grid
 from .images import ink_share
 from .tracking import connect_tracking, tracking_error, shipped_notebook, run_notebook
 from .sources import ModelSource, model_source
-from .training import load_checkpoint
-from .calibration import Probabilities, calibration
+from .training import load_checkpoint, prep_images, convolutional
+from .calibration import Probabilities, calibration, predict_logits
 from .mlmodel import load_model
 
 # %% ../nbs/06_evaluation.ipynb #3573bfa0
@@ -35,8 +35,8 @@ def predict_proba(net:nn.Module,          # a model that returns class probabili
                   batch_size:int=1000,    # images per forward pass
                  ) -> np.ndarray:         # N x 10 class probabilities
     "Class probabilities (N x 10) for uint8 `images` (N x 1 x 28 x 28), in batches."
-    dev = next(net.parameters()).device
-    return np.concatenate([net(images[i:i+batch_size].to(dev).float()/255).cpu().numpy()
+    dev, cl = next(net.parameters()).device, convolutional(net)
+    return np.concatenate([net(prep_images(images[i:i+batch_size], dev, cl)).cpu().numpy()
                            for i in range(0, len(images), batch_size)])
 
 # %% ../nbs/06_evaluation.ipynb #df90bd45
@@ -174,7 +174,7 @@ def inference_speed(net:nn.Module,        # the model, on the device to measure
                    ) -> float:            # images per second
     "Images per second for batch prediction of `images`, measured for at least `seconds`."
     dev = next(net.parameters()).device
-    x = (images[:batch_size].to(dev).float()/255)
+    x = prep_images(images[:batch_size], dev, convolutional(net))      # as `predict_proba` gives them
     net(x)
     n, t0 = 0, time.perf_counter()
     while (t := time.perf_counter() - t0) < seconds or n == 0:
@@ -291,13 +291,20 @@ def reference_answers(probs:np.ndarray,        # the model's probabilities on th
             'ink': np.round(ink_share(images), 4).tolist()}
 
 # %% ../nbs/06_evaluation.ipynb #002dced8
+def _probabilities(net, images, batch_size:int) -> tuple:
+    "`(calibrated, uncalibrated)` class probabilities of `net` for `images`, from one pass of its network."
+    if uncalibrated(net) is net:
+        p = predict_proba(net, images, batch_size)
+        return p, p
+    z = predict_logits(net.model, images, batch_size)      # what `net` computes, before its softmax
+    return torch.softmax(z/net.temperature, dim=1).numpy(), torch.softmax(z, dim=1).numpy()
+
 def _measure(net, images, labels, batch_size:int, n_bins:int, onnx) -> tuple:
     "`(probabilities, metrics)` of `net` on `images`: quality, calibration before and after, not sure, ONNX, speed."
-    probs = predict_proba(net, images, batch_size)
+    probs, raw = _probabilities(net, images, batch_size)
     cpu = next(net.parameters()).device.type == 'cpu'
     agreement = onnx_agreement(onnx, net, images, batch_size, probs if cpu else None) if onnx else {}
     m = classification_metrics(labels.numpy(), probs, n_bins)
-    raw = probs if uncalibrated(net) is net else predict_proba(uncalibrated(net), images, batch_size)
     m['ece_uncalibrated'], m['calibration_bins_uncalibrated'] = calibration(raw.max(1), raw.argmax(1) == labels.numpy(),
                                                                             n_bins)
     m.update(temperature=float(getattr(net, 'temperature', 1.0)), **agreement)
