@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, BIN, together
 
-TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--no-augment']
+TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--no-augment', '--width', '16']
 
 
 def run_in(cwd, cmd, *args, env):
