@@ -17,7 +17,6 @@ from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import nn
 import matplotlib.pyplot as plt
 import tqdm.auto, tqdm.std
@@ -51,6 +50,7 @@ def ink_batch(x:torch.Tensor,    # float images in 0..1, N x 1 x H x W, light in
               generator=None,    # a seeded `torch.Generator`, for the same changes on a rerun
              ) -> torch.Tensor:  # the batch, same shape as `x`
     "Strokes as photos and the pad give them: `share` of `x` thickened or thinned, softened and grained."
+    import torchvision.transforms.v2.functional as TF    # here: its import takes a second
     u = lambda: torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x.device, x.dtype)
     picked, t, soft, grain = u().flatten() < share, u()*2 - 1, u(), u()*noise
     i = picked.nonzero().flatten()                                       # only these are computed
@@ -236,10 +236,11 @@ def load_checkpoint(path) -> dict:
 # %% ../nbs/05_training.ipynb #3720123e
 def model_from_checkpoint(path,   # a `best.pt` or `last.pt`, or the dict `load_checkpoint` read from one
                          ) -> nn.Module:
-    "Rebuild the model saved in a `best.pt` (or `last.pt`) checkpoint, in eval mode."
+    "Rebuild the model saved in a `best.pt` (or `last.pt`) checkpoint, in eval mode, laid out as `fit` trains it."
     ck = path if isinstance(path, dict) else load_checkpoint(path)
     m = model_for(ck['params']['model'], ck['params'].get('width', 16), ck['model'])   # older ones: width 16
     m.load_state_dict(ck['model'])
+    if convolutional(m): m.to(memory_format=torch.channels_last)    # the layout its convolutions run fastest in
     return m.eval()
 
 # %% ../nbs/05_training.ipynb #887d8811
