@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data: kept between runs
 IMAGE = 'digit-recognition:test'
 NEED_GB = 15                # a first build's peak, measured here: 12 GB (wheels, pip's copy, the venv)
-TINY = ['--epochs', '1', '--max-train-samples', '3000', '--min-accuracy', '0.5']
+TINY = ['--epochs', '1', '--max-train-samples', '3000', '--width', '16', '--min-accuracy', '0.5']
 
 
 def docker_cli() -> str|None:
@@ -276,7 +276,8 @@ def test_the_team_stack(engine, image, team_stack, project_run, mnist_dir):
         mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
         c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, *threads(), 'tune',
           'digit-data')
-        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', *mnist_only, *threads()]
+        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', '-e', 'DIGIT_TRAIN_WIDTH=16',
+                *mnist_only, *threads()]
         workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
         codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
         logs = [engine('logs', w, check=False) for w in workers]
