@@ -1,7 +1,7 @@
 """Plain helpers of the tests (no fixtures: those are in conftest.py): where the project and its commands are, running
 a console script, waiting for a server, free ports, the environment that points a command at a tracking server, and
 the one way the suite starts an MLflow server with login (on SQLite or on PostgreSQL)."""
-import os, shutil, subprocess, sys
+import contextlib, os, shutil, subprocess, sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,6 +62,15 @@ def free_port():
     import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+@contextlib.contextmanager
+def refused_port():
+    """A loopback port that refuses connections while the block runs: held bound, never listening, so that no other
+    worker's server can take it (a port `free_port` gave back can be taken before the command connects)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        yield s.getsockname()[1]
 
 class Server(tuple):
     "`(uri, user, password)` of a running server; `.dir` is its folder (backend store, artifacts, log)."

@@ -1,12 +1,12 @@
 """The client with real files of each kind, non-digits answered "not sure", `digit-predict`'s formats and exit codes,
 ONNX Runtime and PyTorch giving the same answers (and the ONNX path importing no torch), the drawing pad under Xvfb,
 and `digit-predict --server` against a real `mlflow models serve`."""
-import csv, io, json, math, os, re, shutil, signal, socket, subprocess, sys, time, urllib.error, urllib.request
+import csv, io, json, math, os, re, shutil, signal, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from helpers import ROOT, BIN, free_port, wait_for_http, as_in_a_terminal, sigint_state
+from helpers import ROOT, BIN, free_port, refused_port, wait_for_http, as_in_a_terminal, sigint_state
 
 
 @pytest.fixture(scope='module')
@@ -453,9 +453,7 @@ def test_predict_through_a_served_model(served, files, predictor):
     # The default model is the registry's champion.
     r = run(d/'three.png', '--format', 'csv', '--min-confidence', '0', env=env)
     assert r.returncode == 0 and r.stdout.splitlines()[1].split(',')[1] == '3', r.stderr
-    with socket.socket() as s:      # a port held, never listening: refused, and no other worker's server can take it
-        s.bind(('127.0.0.1', 0))
-        r = run(d/'three.png', '--server', f"http://127.0.0.1:{s.getsockname()[1]}")
+    with refused_port() as port: r = run(d/'three.png', '--server', f"http://127.0.0.1:{port}")
     assert r.returncode == 1 and 'cannot be reached' in r.stderr and 'Traceback' not in r.stderr
 
 

@@ -276,8 +276,8 @@ def test_the_team_stack(engine, image, team_stack, project_run, mnist_dir):
         mnist_only = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']   # two tiny trials need no more
         c('run', '--rm', '-v', f"{mnist_dir}:/mnist:ro", '-e', 'MNIST_DIR=/mnist', *mnist_only, *threads(), 'tune',
           'digit-data')
-        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000', '-e', 'DIGIT_TRAIN_WIDTH=16',
-                *mnist_only, *threads()]
+        tiny = ['-e', 'DIGIT_TRAIN_EPOCHS=1', '-e', 'DIGIT_TRAIN_MAX_TRAIN_SAMPLES=2000',
+                '-e', 'DIGIT_TRAIN_WIDTH=16', *mnist_only, *threads()]
         workers = [c('run', '-d', *tiny, 'tune').strip().splitlines()[-1] for _ in range(2)]   # `up --scale tune=2`
         codes = [engine('wait', w, timeout=900).stdout.strip() for w in workers]
         logs = [engine('logs', w, check=False) for w in workers]

@@ -198,10 +198,9 @@ def test_wrong_password_fails_fast_and_keeps_checkpoint(trained, mlflow_server, 
 
 
 def test_unreachable_server(tmp_path, run_cli):
-    import socket
-    with socket.socket() as s:      # a port held, never listening: refused, and no other worker's server can take it
-        s.bind(('127.0.0.1', 0))
-        r = run_cli('digit-train', *TINY, env={'MLFLOW_TRACKING_URI': f'http://127.0.0.1:{s.getsockname()[1]}',
+    from helpers import refused_port
+    with refused_port() as port:
+        r = run_cli('digit-train', *TINY, env={'MLFLOW_TRACKING_URI': f'http://127.0.0.1:{port}',
                                                'DIGIT_PATHS_RESULTS_DIR': str(tmp_path)})
     assert r.returncode == 1 and 'cannot be reached' in r.stderr.strip().splitlines()[-1]
 
