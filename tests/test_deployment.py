@@ -179,6 +179,8 @@ def test_deployment_commands(tmp_path):
                            timeout=900)
         assert r.returncode == 0, f"block {i}:\n{block}\n--- stdout\n{r.stdout[-2000:]}\n--- stderr\n{r.stderr[-2000:]}"
     assert (proj/'mlflow.db').is_file() and (proj/'dataset_cleaned'/'manifest.json').is_file()
+    runs = [d.name for d in (proj/'training_results').iterdir() if re.fullmatch(r'[0-9a-f]{32}', d.name)]
+    assert len(runs) == 1, runs           # digit-pipeline reused digit-train's run: same parameters, same data
     assert (proj/'predictions.csv').read_text().startswith('file,digit,confidence')
     assert any((proj/'annotated').iterdir())
     for port in set(re.findall(r'digit-serve --port (\d+)', '\n'.join(marked_blocks(text)))):   # no server left behind
