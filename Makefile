@@ -32,7 +32,7 @@ $(INSTALLED):
 	rm -f $(BIN)/.installed*; touch $@
 
 lock: setup  ## upgrade every dependency within pyproject.toml's ranges and rewrite constraints.txt
-	$(BIN)/python -m pip install --quiet --upgrade -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade -e '.[lab]'   # every extra: the lock pins JupyterLab's too
 	{ head -1 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^digit-recognition'; } > constraints.new
 	mv constraints.new constraints.txt
 
@@ -90,7 +90,8 @@ test-notebooks: setup  ## every notebook cell, `#| slow` ones included (nbdev-te
 test-pytest: setup  ## every pytest test, slow ones included; lists the 15 slowest
 	$(BIN)/pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 
-lab: setup  ## JupyterLab on the notebooks
+lab: setup  ## JupyterLab on the notebooks (installs the lab extra the first time)
+	$(BIN)/python -c 'import jupyterlab' 2>/dev/null || $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[lab]'
 	$(BIN)/jupyter lab nbs
 
 ui: setup  ## the MLflow UI on the local store (mlflow.db)
