@@ -28,11 +28,16 @@ RUN python -m venv /opt/venv
 # at the versions the tests passed on (constraints.txt), in a layer of its own that later builds reuse.
 COPY constraints.txt ./
 RUN python -m pip install --quiet -c constraints.txt torch torchvision ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
-# The package (it carries the notebooks papermill runs), installed from a folder that is then removed, and a
-# non-root user.
+# The package's dependencies in a layer of their own, installed from pyproject.toml with a stand-in of the package (its
+# __init__.py, which holds the version): a change to the code then reinstalls the package alone, not MLflow, papermill
+# and the rest.
 COPY pyproject.toml README.md settings.ini /tmp/src/
+COPY digit_recognition/__init__.py /tmp/src/digit_recognition/
+RUN python -m pip install --quiet -c constraints.txt '/tmp/src[train,serve]'
+# The package (it carries the notebooks papermill runs), installed over the stand-in from a folder that is then
+# removed, and a non-root user.
 COPY digit_recognition/ /tmp/src/digit_recognition/
-RUN python -m pip install --quiet -c constraints.txt '/tmp/src[train,serve]' && rm -rf /tmp/src constraints.txt
+RUN python -m pip install --quiet --no-deps --force-reinstall /tmp/src && rm -rf /tmp/src constraints.txt
 RUN useradd --create-home --uid 1000 digits
 COPY --chown=digits:digits settings.ini ./
 COPY --chmod=755 docker/entrypoint.sh /usr/local/bin/digit-entrypoint
