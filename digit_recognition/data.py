@@ -7,7 +7,8 @@ Docs: https://digit-recognition.github.io/digit-recognition/data.html.md"""
 # %% auto #0
 __all__ = ['SPLITS', 'digit_data', 'clean_split', 'stratified_split', 'save_split', 'content_digest', 'split_digest',
            'dataset_version', 'build_dataset', 'prepare_images', 'add_feedback', 'prepare_data', 'CleanedData',
-           'load_cleaned', 'show_grid', 'show_class_samples', 'plot_class_histogram', 'summary', 'make_dataset']
+           'cleaned_files', 'load_cleaned', 'show_grid', 'show_class_samples', 'plot_class_histogram', 'summary',
+           'make_dataset']
 
 # %% ../nbs/02_data.ipynb #7571377c
 import hashlib, json, sys, time
@@ -301,6 +302,28 @@ class CleanedData:
         return (f"CleanedData(version={self.version}, "
                 + ', '.join(f"{k}={len(v[1])}" for k, v in self.splits.items()) + ')')
 
+# %% ../nbs/02_data.ipynb #cff371c6
+def cleaned_files(cleaned_dir=None,             # the cleaned dataset (default: [paths] cleaned_dir)
+                  splits=SPLITS,                # the splits wanted (the corrections added to train come along)
+                  verify:bool=True,             # check each file's SHA-256 against the manifest
+                  settings:Settings|None=None,  # the settings to use (default: the project's)
+                 ) -> tuple:                    # `(manifest, {split: file})`
+    "The manifest and the files of `splits`, each checked against `manifest.json`; without PyTorch (a command's check)."
+    d = (settings or Settings()).path('paths', 'cleaned_dir', cleaned_dir)
+    try: manifest = json.loads((d/'manifest.json').read_text())
+    except FileNotFoundError:
+        raise DigitError(f"{d/'manifest.json'}: not found; run `digit-data` to prepare the dataset") from None
+    except ValueError as e:
+        raise DigitError(f"{d/'manifest.json'}: not valid JSON ({e}); run `digit-data --force`") from None
+    extra = manifest.get('train_extra', {}) if 'train' in splits else {}        # corrections: `add_feedback`
+    files = {k: d/manifest['splits'][k]['file'] for k in [*splits, *extra]}
+    for k, f in files.items():
+        if not f.is_file(): raise DigitError(f"{f}: missing; run `digit-data --force`")
+        if verify and (h := sha256_file(f)) != (want := manifest['splits'][k]['sha256']):
+            raise DigitError(f"{f}: sha256 {h[:12]}... does not match the manifest ({want[:12]}...); "
+                             "run `digit-data --force`")
+    return manifest, files
+
 # %% ../nbs/02_data.ipynb #44f06510
 def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [paths] cleaned_dir)
                  splits=SPLITS,                # the splits to load
@@ -309,22 +332,12 @@ def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [
                 ) -> CleanedData:
     "Load `splits` of the cleaned dataset as tensors, checking each file's SHA-256 against `manifest.json`."
     import torch     # here: `digit-data` prepares files without it, and answers a bad argument sooner
-    d = (settings or Settings()).path('paths', 'cleaned_dir', cleaned_dir)
-    try: manifest = json.loads((d/'manifest.json').read_text())
-    except FileNotFoundError:
-        raise DigitError(f"{d/'manifest.json'}: not found; run `digit-data` to prepare the dataset") from None
-    except ValueError as e:
-        raise DigitError(f"{d/'manifest.json'}: not valid JSON ({e}); run `digit-data --force`") from None
-    out, extra = {}, manifest.get('train_extra', {}) if 'train' in splits else {}   # corrections: `add_feedback`
-    for k in [*splits, *extra]:
-        info, f = manifest['splits'][k], d/manifest['splits'][k]['file']
-        if not f.is_file(): raise DigitError(f"{f}: missing; run `digit-data --force`")
-        if verify and (h := sha256_file(f)) != info['sha256']:
-            raise DigitError(f"{f}: sha256 {h[:12]}... does not match the manifest ({info['sha256'][:12]}...); "
-                             "run `digit-data --force`")
+    manifest, files = cleaned_files(cleaned_dir, splits, verify, settings)
+    out = {}
+    for k, f in files.items():
         with np.load(f) as z: out[k] = (torch.from_numpy(z['images']).unsqueeze(1), torch.from_numpy(z['labels']))
-    for k, r in extra.items():       # first, so that a run on `max_train_samples` images still sees them
-        x, y = out.pop(k)
+    for k, r in (manifest.get('train_extra', {}) if 'train' in splits else {}).items():   # first, so that a run on
+        x, y = out.pop(k)                                              # `max_train_samples` images still sees them
         out['train'] = (torch.cat([x]*r + [out['train'][0]]), torch.cat([y]*r + [out['train'][1]]))
     return CleanedData(manifest, out)
 

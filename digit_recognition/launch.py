@@ -13,21 +13,14 @@ __all__ = ['DIST_OPTIONS', 'RUN_OPTIONS', 'NAME_PARAMS', 'make_pruner', 'trial_r
 import argparse, contextlib, hashlib, json, os, socket, sys
 from dataclasses import asdict, fields
 from pathlib import Path
-import torch
-import matplotlib.pyplot as plt
 from fastcore.docments import docments
 from .config import (Settings, DigitError, get_device, seed_everything, typed,
                                       atomic_write)
 from .cli import cli
-from .data import load_cleaned
-from .outliers import load_outliers
-from .model import model_for
+from .data import load_cleaned, cleaned_files
 from .tracking import (connect_tracking, tracking_error, redact, git_commit, shipped_notebook,
                                         run_notebook, mark_stale_runs, use_experiment)
-from .training import (TrainParams, fit, plot_curves, resume_state, resume_conflicts, pick,
-                                        forward_dtype)
-from .calibration import finish_checkpoint
-from .mlmodel import log_dataset, log_model
+from .params import TrainParams, pick
 
 # %% ../nbs/05c_launch.ipynb #f12f128e
 def make_pruner(name:str='median',     # 'median', 'hyperband' or 'none'
@@ -124,7 +117,9 @@ def _fit_worker(plan:dict|None,  # node 0: `params`, `out`, `state`, `run_id`, `
                 device:str,      # this machine's `device` setting: CUDA -> NCCL, one GPU per process; else gloo
                ) -> dict:        # rank 0: what `fit` returned; the others: the run id
     "One process of a data-parallel run (`launch_fit` starts them): join the group, take rank 0's plan, `fit`."
-    import signal, torch.distributed as dist
+    import signal, torch, torch.distributed as dist
+    from digit_recognition.model import model_for
+    from digit_recognition.training import fit
     rank, local, dev = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), get_device(device)
     if dev.type == 'cuda':
         dev = torch.device('cuda', local)
@@ -187,7 +182,7 @@ def launch_fit(plan:dict|None,        # for `_fit_worker` (node 0; None on the o
                rdzv_endpoint:str='',  # HOST:PORT of node 0; empty: this machine, on a free port
               ) -> dict:              # the result of this machine's first rank: on node 0, rank 0's `fit`
     "Run `_fit_worker` in `nproc_per_node` processes here (on `nnodes` machines) with torchrun's engine."
-    import signal, tempfile, uuid
+    import signal, tempfile, uuid, torch
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -231,7 +226,11 @@ def join_training(device:str='auto',  # this machine's `device`
 def _record_training(net, data, out, params:TrainParams, state, dev, s:Settings, trial:dict|None=None,
                      dist:dict|None=None) -> dict:
     "Inside the active MLflow run: log parameters, tags and dataset, train, calibrate, then log curves and model."
-    import mlflow
+    import mlflow, torch, matplotlib.pyplot as plt
+    from digit_recognition.outliers import load_outliers
+    from digit_recognition.training import fit, plot_curves, forward_dtype
+    from digit_recognition.calibration import finish_checkpoint
+    from digit_recognition.mlmodel import log_dataset, log_model
     resumed, dist = state is not None, dist or distributed_options(s)
     world = dist['nproc_per_node']*dist['nnodes']
     if not resumed: mlflow.log_params(asdict(params))
@@ -285,6 +284,8 @@ def train(params:TrainParams|None=None, # the knobs; None: `TrainParams.from_set
     "Train one model and record it as one MLflow run."
     import mlflow
     from mlflow.exceptions import MlflowException
+    from digit_recognition.model import model_for
+    from digit_recognition.training import resume_state
     s = Settings()
     p = TrainParams.from_settings(s, **{**(asdict(params) if params else {}), **changes})   # names checked
     results = s.path('paths', 'results_dir')
@@ -386,6 +387,7 @@ def _open_run(client, uri:str, opts:dict, s:Settings, results:Path, given:dict|N
 def _check_resume(resume:str, given:dict|None, results:Path, client, uri:str) -> str:
     "The run id to resume: its checkpoint is readable, the tracking server has the run, `given` doesn't contradict it."
     from mlflow.exceptions import MlflowException
+    from digit_recognition.training import resume_state, resume_conflicts     # (PyTorch: a checkpoint to read)
     state, rid = resume_state(resume, results)
     try: client.get_run(rid)
     except MlflowException as e:
@@ -405,19 +407,21 @@ def run_training(params:dict,              # `TrainParams` fields (the others: s
                  distributed:dict|None=None,   # `DIST_OPTIONS` to change from settings.ini `[distributed]`
                 ) -> dict:                 # the run's `result.json` and the executed `notebook`
     "Run the training notebook under papermill as one MLflow run."
-    import mlflow, papermill as pm     # imported where used: papermill (and nbformat's schemas) take seconds
-    from mlflow.exceptions import MlflowException
-    from nbclient.exceptions import DeadKernelError
     s = settings or Settings()
     opts = {k: params.get(k) or '' for k in RUN_OPTIONS}
     tp = TrainParams.from_settings(s, **{k: v for k, v in params.items() if k not in (*RUN_OPTIONS, 'run_id')})
     results = s.path('paths', 'results_dir')
-    if opts['resume']: planned = resume_state(opts['resume'], results)[0]['params']   # a bad checkpoint fails here,
+    if opts['resume']:                                                    # a bad checkpoint fails here,
+        from digit_recognition.training import resume_state
+        planned = resume_state(opts['resume'], results)[0]['params']
     else: planned = asdict(tp)
     dist = distributed_options(s, planned['batch_size'], **(distributed or {}))    # processes that cannot work,
-    version = load_cleaned(splits=('train', 'val')).version        # and a damaged dataset, before connecting
+    version = cleaned_files(splits=('train', 'val'))[0]['version']     # and a damaged dataset, before connecting
     if not trial: tags = {'train_key': train_key(planned, version), **(tags or {})}
     if dist['node_rank']: return join_training(tp.device, **dist)   # another machine's processes: node 0 records
+    import mlflow, papermill as pm     # after the checks: MLflow and papermill take seconds to import
+    from mlflow.exceptions import MlflowException
+    from nbclient.exceptions import DeadKernelError
     uri = connect_tracking(s)
     client = mlflow.MlflowClient(uri)
     rid = _open_run(client, uri, opts, s, results, given, tags, parent_run_id)

@@ -13,7 +13,8 @@ import copy
 from pathlib import Path
 import torch
 from torch import nn
-from .config import DigitError, atomic_write
+from .config import atomic_write
+from .params import model_name
 
 # %% ../nbs/03_model.ipynb #401793d2
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -64,8 +65,7 @@ MODELS = {'mlp': mlp, 'cnn': cnn}
 
 def get_model(name:str='cnn', **kwargs) -> nn.Module:
     "Build the model registered as `name` ('cnn' or 'mlp')."
-    if name not in MODELS: raise DigitError(f"model: unknown model '{name}' (expected one of {', '.join(MODELS)})")
-    return MODELS[name](**kwargs)
+    return MODELS[model_name(name)](**kwargs)
 
 def model_for(name:str,              # the registered model, as a checkpoint's `params` name it
               width:int=16,          # its width (checkpoints from before `width`: 16)

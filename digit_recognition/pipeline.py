@@ -20,7 +20,7 @@ from .sources import ModelSource
 from .evaluation import evaluation_dir, run_evaluation
 from .registry import check_gate, register_if_better, add_gate_flags
 from .tracking import connect_tracking, redact
-from .training import TrainParams
+from .params import TrainParams
 from .launch import NAME_PARAMS, train_key, add_parameter_flags, run_training
 
 # %% ../nbs/10_pipeline.ipynb #8c157299

@@ -23,7 +23,7 @@ from .config import Settings, DigitError, first_line
 from .cli import cli
 from .tracking import connect_tracking, tracking_error, redact, use_experiment
 from .launch import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
-from .training import TrainParams
+from .params import TrainParams
 from .compare import trial_rows, comparison_table, log_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -113,3 +113,17 @@ def test_a_folder_of_one_digit_warns(run_cli, tmp_path):
                      'DIGIT_DATA_VIEWS': '0'})
     assert r.returncode == 0, r.stderr
     assert 'warning: image folder' in r.stderr and 'only the digit 3' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_a_training_flag_is_checked_before_pytorch_mlflow_and_papermill(run_cli, tmp_path):
+    """`digit-train` checks its flags and the dataset before it imports PyTorch, MLflow or papermill (seconds of CPU
+    each): a value that cannot work is one line at once. The notebook's kernel imports what training needs."""
+    profile = {'PYTHONPROFILEIMPORTTIME': '1'}
+    r = run_cli('digit-train', '--epochs', '0', env=profile)
+    mods = {m.group(1).split('.')[0] for m in re.finditer(r'^import time:.*\|\s+(\S+)$', r.stderr, re.M)}
+    assert 'digit_recognition' in mods and 'numpy' in mods, sorted(mods)              # the profile is real
+    assert not mods & {'torch', 'mlflow', 'papermill', 'matplotlib'}, sorted(mods & {'torch', 'mlflow', 'papermill'})
+    r.stderr = '\n'.join(l for l in r.stderr.splitlines() if not l.startswith('import time:'))
+    one_line(r, 'epochs: 0 (expected at least 1)')
+    r = run_cli('digit-train', '--epochs', '1', env={'DIGIT_PATHS_CLEANED_DIR': str(tmp_path), **profile})
+    assert 'manifest.json: not found' in r.stderr and not re.search(r'\|\s+torch$', r.stderr, re.M)
