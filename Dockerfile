@@ -29,13 +29,15 @@ RUN python -m venv /opt/venv
 COPY constraints.txt ./
 RUN python -m pip install --quiet -c constraints.txt torch torchvision ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 # The package's dependencies in a layer of their own, installed from pyproject.toml with a stand-in of the package (its
-# __init__.py, which holds the version): a change to the code then reinstalls the package alone, not MLflow, papermill
-# and the rest.
-COPY pyproject.toml README.md settings.ini /tmp/src/
+# __init__.py, which holds the version, and an empty README): a change to the code or the README then reinstalls the
+# package alone, not MLflow, papermill and the rest.
+COPY pyproject.toml settings.ini /tmp/src/
 COPY digit_recognition/__init__.py /tmp/src/digit_recognition/
+RUN touch /tmp/src/README.md
 RUN python -m pip install --quiet -c constraints.txt '/tmp/src[train,serve]'
 # The package (it carries the notebooks papermill runs), installed over the stand-in from a folder that is then
 # removed, and a non-root user.
+COPY README.md /tmp/src/
 COPY digit_recognition/ /tmp/src/digit_recognition/
 RUN python -m pip install --quiet --no-deps --force-reinstall /tmp/src && rm -rf /tmp/src constraints.txt
 RUN useradd --create-home --uid 1000 digits
