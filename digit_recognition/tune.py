@@ -23,7 +23,7 @@ from .config import Settings, DigitError, first_line
 from .cli import cli
 from .tracking import connect_tracking, tracking_error, redact, use_experiment
 from .launch import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
-from .params import TrainParams
+from .params import TrainParams, TRAIN_PARAMS
 from .compare import trial_rows, comparison_table, log_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -264,6 +264,8 @@ def run_study(space:dict,                  # `{name: distribution}` (`parse_spac
         raise DigitError(f"metric: unknown '{metric}' (expected val_accuracy or val_loss)")
     make_sampler(p.sampler, space)
     make_pruner(p.pruner)               # a bad name fails before anything starts
+    knobs = {k: v for k, v in fixed.items() if k in TRAIN_PARAMS and k not in space}
+    TrainParams.from_settings(s, **knobs)           # and a fixed knob that cannot work (`--epochs 0`)
     uri, url = connect_tracking(s), storage_url(p.storage, s)
     name_ = p.study or s.get('tune', 'study')
     direction = 'maximize' if metric == 'val_accuracy' else 'minimize'

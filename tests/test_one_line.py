@@ -73,6 +73,7 @@ def test_a_search_space_checked_before_any_trial(run_cli, tmp_path):
     one_line(run_cli('digit-tune', '--timeout', '-1', env=env), '--timeout')
     one_line(run_cli('digit-tune', '--try', 'lr=fast', env=env), '--try lr=fast')
     one_line(run_cli('digit-sweep', '--grid', 'lr=0.01', '--jobs', '0', env=env), '--jobs: expected at least 1')
+    one_line(run_cli('digit-tune', '--epochs', '0', env=env), 'epochs: 0 (expected at least 1)')   # a fixed knob
     assert list(tmp_path.iterdir()) == []                     # the results folder and the store's: nothing written
 
 
