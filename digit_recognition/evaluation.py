@@ -7,11 +7,10 @@ Docs: https://digit-recognition.github.io/digit-recognition/evaluation.html.md""
 # %% auto #0
 __all__ = ['ONNX_TOLERANCE', 'METRIC_KEYS', 'ONNX_KEYS', 'REJECT_KEYS', 'predict_proba', 'classification_metrics', 'uncalibrated',
            'plot_confusion', 'plot_per_class_f1', 'confident_errors', 'plot_confident_errors', 'plot_reliability',
-           'inference_speed', 'onnx_file', 'onnx_agreement', 'metric_prefix', 'evaluation_dir', 'report_markdown',
-           'reference_answers', 'evaluate_model', 'evaluation_notebook', 'run_evaluation']
+           'inference_speed', 'onnx_file', 'onnx_agreement', 'report_markdown', 'reference_answers', 'evaluate_model']
 
 # %% ../nbs/06_evaluation.ipynb #e02c2dc5
-import copy, hashlib, importlib.util, json, time, warnings
+import copy, importlib.util, json, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -22,11 +21,12 @@ from mlflow.exceptions import MlflowException
 from .config import Settings, DigitError, atomic_write, first_line
 from .data import load_cleaned, show_grid
 from .images import ink_share
-from .tracking import connect_tracking, tracking_error, shipped_notebook, run_notebook
+from .tracking import connect_tracking, tracking_error
 from .sources import ModelSource, model_source
 from .training import load_checkpoint, prep_images, convolutional
 from .calibration import Probabilities, calibration, predict_logits
 from .mlmodel import load_model
+from .registry import metric_prefix, evaluation_dir
 
 # %% ../nbs/06_evaluation.ipynb #3573bfa0
 @torch.no_grad()
@@ -224,26 +224,6 @@ def onnx_agreement(path,                       # an ONNX file: `images` (N x 28 
                          f"at most {ONNX_TOLERANCE:g}); a broken export is not registered")
     return a
 
-# %% ../nbs/06_evaluation.ipynb #e27bd2a2
-def metric_prefix(split:str) -> str:
-    "MLflow prefix of evaluation metrics: `test_` for the test split, else `eval_<split>_` (not training's `val_*`)."
-    return 'test_' if split == 'test' else f'eval_{split}_'
-
-# %% ../nbs/06_evaluation.ipynb #cbbc51f8
-def evaluation_dir(ref:ModelSource,                 # the model, as `model_source` names it
-                   split:str='test',             # the split it is measured on
-                   settings:Settings|None=None,  # where `results_dir` is; default: the project's settings
-                  ) -> Path:
-    "Where `ref`'s evaluation goes: `<run folder>/evaluation/` (`evaluation-<split>/` for other splits) in the project."
-    s = settings or Settings()
-    results = s.path('paths', 'results_dir').resolve()
-    ck = Path(ref.checkpoint).resolve()
-    if ref.run_id: base = results/ref.run_id
-    elif ck.is_relative_to(results): base = ck.parent
-    else:   # never beside a stranger's file
-        base = results/'checkpoints'/f"{ck.stem}-{hashlib.sha256(str(ck).encode()).hexdigest()[:8]}"
-    return base/('evaluation' if split == 'test' else f'evaluation-{split}')
-
 # %% ../nbs/06_evaluation.ipynb #499dc0bf
 METRIC_KEYS = ('accuracy', 'loss', 'macro_precision', 'macro_recall', 'macro_f1', 'weighted_precision',
                'weighted_recall', 'weighted_f1', 'ece', 'ece_uncalibrated', 'images_per_second')
@@ -385,35 +365,3 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
         atomic_write(out/'reference.json', lambda f: f.write(json.dumps(answers).encode()))
     if log_to_mlflow and run is not None: _log_evaluation(r, out, data.version)
     return r
-
-# %% ../nbs/06_evaluation.ipynb #fe46404f
-def evaluation_notebook(settings:Settings|None=None) -> Path:
-    "The papermill-parameterised evaluation notebook, as shipped in the package."
-    return shipped_notebook('evaluation')
-
-# %% ../nbs/06_evaluation.ipynb #c8843788
-def run_evaluation(model:str='',           # as for `evaluate_model`
-                   split:str='test',         # 'test' or 'val'
-                   log_output:bool=True,     # stream the notebook's output
-                   settings:Settings|None=None,  # default: the project's settings
-                   **params,                 # more parameters of the evaluation notebook (`batch_size`, ...)
-                  ) -> dict:                 # what the notebook wrote to `metrics.json`, and the executed `notebook`
-    "Run the evaluation notebook for `model` under papermill."
-    import papermill as pm     # imported where used: clients that only predict don't pay for it
-    s = settings or Settings()
-    connect_tracking(s)
-    ref = model_source(model, s)                 # resolved here so that the papermill run and we agree on the model
-    out = evaluation_dir(ref, split, s)
-    out.mkdir(parents=True, exist_ok=True)
-    out_nb = out/'evaluation.ipynb'
-    nb = evaluation_notebook(s)
-    try:
-        run_notebook(nb, out_nb, {'model': ref.label, 'split': split, **params}, s.root, log_output)
-    except pm.PapermillExecutionError as e:
-        msg = e.evalue if e.ename == 'DigitError' else f"{e.ename}: {e.evalue}"
-        raise DigitError(f"{msg} (executed notebook: {out_nb})") from None
-    r = json.loads((out/'metrics.json').read_text())
-    if ref.run_id and params.get('log_to_mlflow', True):
-        try: mlflow.MlflowClient().log_artifact(ref.run_id, str(out_nb), out.name)
-        except MlflowException as e: raise tracking_error(mlflow.get_tracking_uri(), e) from None
-    return {**r, 'notebook': str(out_nb)}

@@ -17,8 +17,8 @@ from .config import Settings, DigitError
 from .cli import cli
 from .data import prepare_data
 from .sources import ModelSource
-from .evaluation import evaluation_dir, run_evaluation
-from .registry import check_gate, register_if_better, add_gate_flags
+from .registry import (check_gate, register_if_better, add_gate_flags, evaluation_dir,
+                                        run_evaluation)
 from .tracking import connect_tracking, redact
 from .params import TrainParams
 from .launch import NAME_PARAMS, train_key, add_parameter_flags, run_training
