@@ -1,4 +1,4 @@
-"""The quality gate, the registry's challenger and champion, and `digit-evaluate`.
+"""`digit-evaluate`: running the evaluation notebook, the quality gate, the registry's challenger and champion.
 
 Docs: https://digit-recognition.github.io/digit-recognition/registry.html.md"""
 
