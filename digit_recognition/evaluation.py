@@ -7,7 +7,7 @@ Docs: https://digit-recognition.github.io/digit-recognition/evaluation.html.md""
 # %% auto #0
 __all__ = ['ONNX_TOLERANCE', 'METRIC_KEYS', 'ONNX_KEYS', 'REJECT_KEYS', 'predict_proba', 'classification_metrics', 'uncalibrated',
            'plot_confusion', 'plot_per_class_f1', 'confident_errors', 'plot_confident_errors', 'plot_reliability',
-           'inference_speed', 'onnx_file', 'onnx_agreement', 'report_markdown', 'reference_answers', 'evaluate_model']
+           'images_per_second', 'onnx_file', 'onnx_agreement', 'report_markdown', 'reference_answers', 'evaluate_model']
 
 # %% ../nbs/06_evaluation.ipynb #e02c2dc5
 import copy, importlib.util, json, time, warnings
@@ -166,22 +166,13 @@ def plot_reliability(bins:list,               # `calibration`'s bins of the mode
     return fig
 
 # %% ../nbs/06_evaluation.ipynb #8e87b7a9
-@torch.no_grad()
-def inference_speed(net:nn.Module,        # the model, on the device to measure
-                    images:torch.Tensor,  # uint8 images, N x 1 x 28 x 28; one batch of them is used
-                    batch_size:int=1000,  # images per forward pass
-                    seconds:float=1.0,    # measure for at least this long
-                   ) -> float:            # images per second
-    "Images per second for batch prediction of `images`, measured for at least `seconds`."
-    dev = next(net.parameters()).device
-    x = prep_images(images[:batch_size], dev, convolutional(net))      # as `predict_proba` gives them
-    net(x)
-    n, t0 = 0, time.perf_counter()
-    while (t := time.perf_counter() - t0) < seconds or n == 0:
-        net(x)
-        n += len(x)
-        if dev.type == 'cuda': torch.cuda.synchronize()
-    return n/t
+def images_per_second(predict,              # a function of `images` whose results are back on the CPU
+                      images:torch.Tensor,  # uint8 images, N x 1 x 28 x 28
+                     ) -> tuple:            # `(predict(images), images per second)`
+    "Run `predict` on `images` once and time it (its results on the CPU: a GPU has finished by then)."
+    t0 = time.perf_counter()
+    out = predict(images)
+    return out, len(images)/(time.perf_counter() - t0)
 
 # %% ../nbs/06_evaluation.ipynb #6c5ac116
 def onnx_file(ref:ModelSource) -> Path|None:
@@ -281,7 +272,7 @@ def _probabilities(net, images, batch_size:int) -> tuple:
 
 def _measure(net, images, labels, batch_size:int, n_bins:int, onnx) -> tuple:
     "`(probabilities, metrics)` of `net` on `images`: quality, calibration before and after, not sure, ONNX, speed."
-    probs, raw = _probabilities(net, images, batch_size)
+    (probs, raw), speed = images_per_second(lambda x: _probabilities(net, x, batch_size), images)
     cpu = next(net.parameters()).device.type == 'cpu'
     agreement = onnx_agreement(onnx, net, images, batch_size, probs if cpu else None) if onnx else {}
     m = classification_metrics(labels.numpy(), probs, n_bins)
@@ -292,7 +283,7 @@ def _measure(net, images, labels, batch_size:int, n_bins:int, onnx) -> tuple:
         sure = probs.max(1) >= th
         m.update(reject_threshold=float(th), not_sure=float(1 - sure.mean()),
                  accuracy_answered=float((probs.argmax(1) == labels.numpy())[sure].mean()) if sure.any() else 0.0)
-    m['images_per_second'] = inference_speed(net, images, batch_size)
+    m['images_per_second'] = speed
     return probs, m
 
 def _figures(m:dict, images, labels, probs, n_errors:int) -> dict:

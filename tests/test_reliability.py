@@ -4,7 +4,7 @@ import os, shutil, signal, subprocess, sys, time
 import pytest
 from helpers import ROOT, BIN, together, as_in_a_terminal
 
-TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100']
+TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--width', '16']
 
 
 def local_env(d):
