@@ -22,7 +22,7 @@ from .config import Settings, DigitError, atomic_write, first_line
 from .data import load_cleaned, show_grid
 from .images import ink_share
 from .tracking import connect_tracking, tracking_error
-from .sources import ModelSource, model_source
+from .sources import ModelSource, model_source, model_digest
 from .training import load_checkpoint, prep_images, convolutional
 from .calibration import Probabilities, calibration, predict_logits
 from .mlmodel import load_model
@@ -346,7 +346,7 @@ def evaluate_model(model:str='',             # a run id, `runs:/` or `models:/` 
          'dataset_version': data.version, 'model_dataset_version': model_version,
          'device': str(next(net.parameters()).device), 'prefix': metric_prefix(split), 'metrics': m,
          'figures': {k: f'{k}.png' for k in figs}, 'evaluation_dir': str(out),
-         'onnx': str(onnx) if onnx else ''}
+         'onnx': str(onnx) if onnx else '', 'model_digest': model_digest(ref)}     # what was measured
     atomic_write(out/'report.md', lambda f: f.write(report_markdown(r).encode()))
     atomic_write(out/'metrics.json', lambda f: f.write(json.dumps(r, indent=1).encode()))
     if split == 'test':                    # what digit-monitor compares a served model's answers with

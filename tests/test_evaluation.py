@@ -88,9 +88,9 @@ def test_registry_decisions(local, run_cli):
     report = (ev/'report.md').read_text()
     assert f"temperature {mm['temperature']:.4f}" in report and 'agrees with PyTorch' in report
 
-    # The first model that passes becomes champion (and challenger).
+    # The first model that passes becomes champion (and challenger); its files were measured above, on this data.
     r = run_cli('digit-evaluate', runs['mid'], '--min-accuracy', '0.2', '--quiet', env=env, check=0)
-    assert 'version 1: champion (no champion yet' in r.stdout
+    assert f"reusing the evaluation in {ev}" in r.stdout and 'version 1: champion (no champion yet' in r.stdout
     v = versions(c)[1]
     assert set(v.aliases) == {'champion', 'challenger'} and v.run_id == runs['mid']
     files = Path(c.get_model_version_download_uri('digit-recognizer', '1').removeprefix('file://'))
