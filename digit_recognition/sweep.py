@@ -10,7 +10,6 @@ __all__ = ['combination_name', 'run_sweep', 'digit_sweep']
 # %% ../nbs/09a_sweep.ipynb #39542f97
 import itertools, os, time
 from typing import Annotated
-import mlflow
 from optuna.distributions import CategoricalDistribution
 from .config import Settings, DigitError
 from .cli import cli
@@ -36,6 +35,7 @@ def run_sweep(grid:dict,                  # `{name: [values]}` of `TrainParams` 
     plan = StudyPlan(study=name, trials=n, sampler='grid', pruner='none', jobs=min(jobs, n), quiet=quiet,
                      name=combination_name, tags={'sweep': 'parent'}, keys=list(grid))
     res = run_study(space, {k: v for k, v in fixed.items() if k != 'run_name'}, plan, s)
+    import mlflow           # where used: `digit-sweep` with a wrong flag says so without importing MLflow
     c = mlflow.MlflowClient()
     for k, v in grid.items(): c.log_param(res['parent_run_id'], f"grid.{k}", ','.join(map(str, v)))
     return res

@@ -13,9 +13,7 @@ __all__ = ['RACING', 'DONE', 'TUNE_SETTINGS', 'parse_space', 'suggest', 'make_sa
 import multiprocessing, os, time, warnings
 from dataclasses import dataclass, field
 from concurrent.futures import ProcessPoolExecutor
-import mlflow
 import optuna
-from mlflow.exceptions import MlflowException
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from typing import Annotated
@@ -24,7 +22,6 @@ from .cli import cli
 from .tracking import connect_tracking, tracking_error, redact, use_experiment
 from .launch import RUN_OPTIONS, param_specs, add_parameter_flags, run_training, make_pruner
 from .params import TrainParams, TRAIN_PARAMS
-from .compare import trial_rows, comparison_table, log_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -153,11 +150,14 @@ class Objective:
         for k in ('run_id', 'best_val_accuracy', 'best_epoch', 'epochs_run'): trial.set_user_attr(k, r[k])
         if r.get('pruned'): raise optuna.TrialPruned(f"pruned after epoch {r['epochs_run']}")
         if self.metric == 'val_accuracy': return r['best_val_accuracy']
+        import mlflow       # where used: a command whose arguments are wrong says so without importing MLflow
         return min(m.value for m in mlflow.MlflowClient().get_metric_history(r['run_id'], self.metric))
 
 # %% ../nbs/09_tune.ipynb #7e935a43
 def study_parent(study:optuna.Study, uri:str, experiment:str, tags:dict) -> str:
     "The id of the study's parent MLflow run, created by the first worker."
+    import mlflow
+    from mlflow.exceptions import MlflowException
     c = mlflow.MlflowClient(uri)
     pid = study.user_attrs.get('mlflow_parent_run_id')
     if pid:
@@ -293,6 +293,7 @@ def run_study(space:dict,                  # `{name: distribution}` (`parse_spac
             for f in [pool.submit(_worker, name_, url, space, fixed, pid, opts, i) for i in range(jobs)]: f.result()
     st = optuna.load_study(study_name=name_, storage=open_storage(url, s))
     pid = st.user_attrs.get('mlflow_parent_run_id', pid)
+    from digit_recognition.compare import log_study      # matplotlib and MLflow: once the trials are done
     res = log_study(st, pid, p.keys or ['trial', *space], metric)
     return {'study': name_, 'parent_run_id': pid, 'storage': redact(url), 'tracking_uri': redact(uri), **res}
 
@@ -345,6 +346,7 @@ def print_best(name:str,            # the study
                s:Settings,          # the project's settings
               ):
     "`digit-tune --best`: the best trial of study `name` and the table of its trials."
+    from digit_recognition.compare import trial_rows, comparison_table
     t, st = best_of(name, storage, s), open_study(name, storage, s)
     print(f"study {name}: best trial {t.number}, value {t.value:.4f}, run {t.user_attrs.get('run_id', '')}")
     for k, v in t.params.items(): print(f"  {k} = {v}")
