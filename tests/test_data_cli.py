@@ -1,5 +1,5 @@
 "`digit-data` end to end: real MNIST files, every source route, bad input and a folder of real image files."
-import gzip, json, shutil
+import gzip, json, re, shutil
 from pathlib import Path
 import numpy as np
 import pytest
@@ -26,7 +26,9 @@ def one_line_error(r, *words):
 @pytest.mark.slow            # three builds of the whole MNIST
 def test_mnist_dir_builds_then_reuses(tmp_path, run_cli, mnist_dir):
     env = tmp_env(tmp_path, MNIST_DIR=str(mnist_dir))
-    r = run_cli('digit-data', env=env, check=0)
+    r = run_cli('digit-data', env={**env, 'PYTHONPROFILEIMPORTTIME': '1'}, check=0)     # and what it imports:
+    mods = {m.group(1).split('.')[0] for m in re.finditer(r'^import time:.*\|\s+(\S+)$', r.stderr, re.M)}
+    assert 'numpy' in mods and not mods & {'torch', 'torchvision'}, sorted(mods)  # a build needs no PyTorch
     m = json.loads((tmp_path/'clean'/'manifest.json').read_text())
     assert [m['splits'][k]['count'] for k in ('train', 'val', 'test')] == [55000, 5000, 10000]
     assert sum(m['splits']['val']['classes']) == 5000 and m['version'] in r.stdout

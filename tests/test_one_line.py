@@ -15,6 +15,16 @@ def one_line(r, *words):
     return lines[0]
 
 
+PROFILE = {'PYTHONPROFILEIMPORTTIME': '1'}      # a command run with it lists every module it imports on stderr
+
+def imported(r) -> set:
+    "The top-level packages command `r` (run with PROFILE) imported; their lines are taken out of `r.stderr`."
+    mods = {m.group(1).split('.')[0] for m in re.finditer(r'^import time:.*\|\s+(\S+)$', r.stderr, re.M)}
+    r.stderr = '\n'.join(l for l in r.stderr.splitlines() if not l.startswith('import time:'))
+    assert 'digit_recognition' in mods and 'numpy' in mods, sorted(mods)              # the profile is real
+    return mods
+
+
 @pytest.fixture(scope='module')
 def image(tmp_path_factory):
     f = tmp_path_factory.mktemp('img')/'seven.png'
@@ -69,7 +79,9 @@ def test_a_search_space_checked_before_any_trial(run_cli, tmp_path):
     one_line(run_cli('digit-tune', '--space', 'batch_size = choice 0,-5', '--trials', '1', env=env),
              'batch_size: 0 (expected at least 1)')
     one_line(run_cli('digit-tune', '--space', 'lr = int 1 2', env=env), 'lr is a parameter of type float')
-    one_line(run_cli('digit-tune', '--jobs', '0', env=env), '--jobs: expected at least 1')
+    r = run_cli('digit-tune', '--jobs', '0', env={**env, **PROFILE})
+    assert not imported(r) & {'mlflow', 'torch', 'matplotlib', 'papermill'}    # MLflow where a study starts
+    one_line(r, '--jobs: expected at least 1')
     one_line(run_cli('digit-tune', '--timeout', '-1', env=env), '--timeout')
     one_line(run_cli('digit-tune', '--try', 'lr=fast', env=env), '--try lr=fast')
     one_line(run_cli('digit-sweep', '--grid', 'lr=0.01', '--jobs', '0', env=env), '--jobs: expected at least 1')
@@ -119,12 +131,9 @@ def test_a_folder_of_one_digit_warns(run_cli, tmp_path):
 def test_a_training_flag_is_checked_before_pytorch_mlflow_and_papermill(run_cli, tmp_path):
     """`digit-train` checks its flags and the dataset before it imports PyTorch, MLflow or papermill (seconds of CPU
     each): a value that cannot work is one line at once. The notebook's kernel imports what training needs."""
-    profile = {'PYTHONPROFILEIMPORTTIME': '1'}
-    r = run_cli('digit-train', '--epochs', '0', env=profile)
-    mods = {m.group(1).split('.')[0] for m in re.finditer(r'^import time:.*\|\s+(\S+)$', r.stderr, re.M)}
-    assert 'digit_recognition' in mods and 'numpy' in mods, sorted(mods)              # the profile is real
+    r = run_cli('digit-train', '--epochs', '0', env=PROFILE)
+    mods = imported(r)
     assert not mods & {'torch', 'mlflow', 'papermill', 'matplotlib'}, sorted(mods & {'torch', 'mlflow', 'papermill'})
-    r.stderr = '\n'.join(l for l in r.stderr.splitlines() if not l.startswith('import time:'))
     one_line(r, 'epochs: 0 (expected at least 1)')
-    r = run_cli('digit-train', '--epochs', '1', env={'DIGIT_PATHS_CLEANED_DIR': str(tmp_path), **profile})
+    r = run_cli('digit-train', '--epochs', '1', env={'DIGIT_PATHS_CLEANED_DIR': str(tmp_path), **PROFILE})
     assert 'manifest.json: not found' in r.stderr and not re.search(r'\|\s+torch$', r.stderr, re.M)
