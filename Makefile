@@ -15,7 +15,7 @@ NBDEV_TEST := $(BIN)/nbdev-test --n-workers 2 --skip-folder-re '^([_.]|mlruns$$)
 .PHONY: help setup lock data train evaluate sweep tune pipeline predict client serve lab ui bench bench-client bench-serve
 .PHONY: export readme
 .PHONY: docs-outputs
-.PHONY: test test-fast test-notebooks test-pytest test-notebooks-fast test-pytest-fast
+.PHONY: bytecode test test-fast test-notebooks test-pytest test-notebooks-fast test-pytest-fast
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -72,11 +72,17 @@ TEST_TARGETS = test test-fast test-notebooks test-notebooks-fast test-pytest tes
 $(TEST_TARGETS): export OMP_NUM_THREADS ?= 1
 $(TEST_TARGETS): export OMP_WAIT_POLICY ?= PASSIVE
 
-test: setup data  ## every test, what CI runs: all notebook cells, all of pytest (the 15 slowest listed)
+test: setup data bytecode  ## every test, what CI runs: all notebook cells, all of pytest (the 15 slowest listed)
 	$(MAKE) --no-print-directory -j2 -Oline test-notebooks test-pytest
 
-test-fast: setup data  ## while working (minutes): notebook cells not flagged `#| slow`, pytest -m "not slow"
+test-fast: setup data bytecode  ## while working (minutes): notebook cells not flagged `#| slow`, pytest -m "not slow"
 	$(MAKE) --no-print-directory -j2 -Oline test-notebooks-fast test-pytest-fast
+
+# The package's bytecode, written once before the tests' few hundred processes import it: where
+# PYTHONDONTWRITEBYTECODE is set (as on this project's CI machines) Python would otherwise compile every module it
+# imports again in each process (pip compiles the installed packages, not an editable checkout).
+bytecode: setup
+	$(BIN)/python -m compileall -q digit_recognition
 
 test-notebooks-fast: setup
 	$(NBDEV_TEST)
