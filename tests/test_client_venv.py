@@ -10,8 +10,8 @@ pytestmark = pytest.mark.slow
 MAX_MB = 400          # the issue's budget for a client-only environment
 
 
-@pytest.fixture(scope='module')
-def client_venv(tmp_path_factory):
+@pytest.fixture(scope='session')     # not 'module': xdist_groups runs this file's tests that read the session's
+def client_venv(tmp_path_factory):   # checkpoint last, after other files' tests, and pytest would build it twice
     "A fresh venv with the wheel and its `[client]` extra from the package index; `run(cmd, *args, env=)`."
     d = tmp_path_factory.mktemp('client-venv')
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', d/'dist',
