@@ -43,14 +43,16 @@ COLS = ['reader', 'val photographed acc', 'gap to the digits themselves', 'wrong
 def fit_subpixel(crop:np.ndarray, box:int=20, size:int=28) -> np.ndarray:
     "`images.fit_and_centre`, but the centre of mass moved to the middle by a bilinear (subpixel) shift."
     out = I.fit_and_centre(crop, box, size)            # fitted and centred to the pixel; the rest of the way:
-    cy, cx = I._centre_of_mass(out)
+    cy, cx = ndimage.center_of_mass(out)
     return np.clip(ndimage.shift(out, (size/2 - cy, size/2 - cx), order=1), 0, 255)
 
 
 def crop_faint_edges(ink:np.ndarray, min_part:float=0.1) -> np.ndarray:
     "`images.crop_to_ink`, but the box holds the faint edges too: the kept pieces' mask grown by 2 pixels."
-    lab, sizes = I._pieces(ink)
-    keep = I._grow((sizes >= min_part*sizes.max())[lab], 2) & (ink > 0)
+    mask = ink > 0.25*ink.max()                        # the pieces of ink, as `crop_to_ink` finds them
+    lab, n = ndimage.label(mask)                       # (4-neighbours, as there)
+    sizes = np.bincount(lab[mask], ink[mask], n + 1)
+    keep = ndimage.binary_dilation((sizes >= min_part*sizes.max())[lab], iterations=2) & (ink > 0)
     rows, cols = np.flatnonzero(keep.any(1)), np.flatnonzero(keep.any(0))
     return (ink*keep)[rows[0]:rows[-1]+1, cols[0]:cols[-1]+1]
 
