@@ -23,18 +23,16 @@ Variants (each a choice inside the reader's steps):
 The table goes to bench/results/photo_reading.json and .md.
 """
 import argparse, io, tempfile, time
-from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
 from digit_recognition import images as I
-from digit_recognition.config import seed_everything
 from digit_recognition.data import load_cleaned
-from digit_recognition.model import get_model
-from digit_recognition.training import TrainParams, fit, load_checkpoint
-from digit_recognition.calibration import probabilities_from_checkpoint, finish_checkpoint
+from digit_recognition.training import load_checkpoint
+from digit_recognition.calibration import probabilities_from_checkpoint
 from results import save, table
+from trained import MODEL_HELP, checkpoint
 
 COLS = ['reader', 'val photographed acc', 'gap to the digits themselves', 'wrong only as a photo',
         'right only as a photo', 'each set of photographs', 'ms per photo']
@@ -80,18 +78,12 @@ def photo(digit:np.ndarray, seed:int) -> np.ndarray:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--model', default='', help="a checkpoint (best.pt) of a calibrated run; default: train the "
-                    "default recipe first")
+    ap.add_argument('--model', default='', help=MODEL_HELP)
     ap.add_argument('--shots', type=int, default=3, help="photographs of each digit (default: %(default)s)")
     a = ap.parse_args()
     data = load_cleaned(splits=('train', 'val'))
     with tempfile.TemporaryDirectory() as d:
-        ck = Path(a.model) if a.model else Path(d)/'best.pt'
-        if not a.model:
-            p = TrainParams(device='cpu')
-            seed_everything(p.seed)
-            fit(get_model(p.model, width=p.width), data, d, p)
-            finish_checkpoint(d, data, p)
+        ck = checkpoint(a.model, data, d)        # (answers only: the first choice needs no calibration)
         state, net = load_checkpoint(ck), probabilities_from_checkpoint(ck)
     x, y = data.val[0].squeeze(1).numpy(), data.val[1].numpy()
     grays = [photo(digit, 200_000 + s*len(x) + i) for s in range(a.shots) for i, digit in enumerate(x)]

@@ -17,18 +17,16 @@ per second on this CPU relative to one pass.
 The table goes to bench/results/tta.json and .md.
 """
 import argparse, tempfile, time
-from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from digit_recognition.config import seed_everything
 from digit_recognition.data import load_cleaned
-from digit_recognition.model import get_model
 from digit_recognition.outliers import build_outliers
 from digit_recognition.views import load_views
-from digit_recognition.training import TrainParams, fit, model_from_checkpoint, load_checkpoint
+from digit_recognition.training import TrainParams, model_from_checkpoint, load_checkpoint
 from digit_recognition.calibration import predict_logits, fit_temperature, reject_threshold
 from results import save, table
+from trained import MODEL_HELP, checkpoint
 
 CROSS = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
 VARIANTS = {'none (one pass, as today)': ([(0, 0)], 'probs'),
@@ -49,18 +47,13 @@ def shifted(x:np.ndarray, dx:int, dy:int) -> torch.Tensor:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--model', default='', help="a checkpoint (best.pt) of a calibrated run; default: train the "
-                    "default recipe first")
+    ap.add_argument('--model', default='', help=MODEL_HELP)
     ap.add_argument('--tune', type=int, default=3000, help="tune-family non-digits to make (default: %(default)s)")
     a = ap.parse_args()
     data = load_cleaned()
     views = load_views(data)
     with tempfile.TemporaryDirectory() as d:
-        ck = Path(a.model) if a.model else Path(d)/'best.pt'
-        if not a.model:
-            p = TrainParams(device='cpu'); seed_everything(p.seed)
-            fit(get_model(p.model, width=p.width), data, d, p)
-        state = load_checkpoint(ck)
+        state = load_checkpoint(checkpoint(a.model, data, d))
         net = model_from_checkpoint(state).eval()
     knobs, default = state['params'], vars(TrainParams(device='cpu'))
     changed = {k: v for k, v in knobs.items() if default.get(k) != v and k != 'device'}
