@@ -125,6 +125,9 @@ outlier_weight = 0.5
 reject_rate = 0.004
 # The model kept is the moving average of the weights with this decay (0 = the weights of the last step).
 ema = 0.999
+# The model answers with its mean logits for the image and the image moved one pixel up, down, left and right (five
+# passes; model.ShiftAveraged): steadier on digits, less sure of non-digits (bench/results/tta.md). false: one pass.
+tta = true
 # The forward pass's number format: auto = bfloat16 where the processor computes it natively (CUDA GPUs since
 # Ampere, CPUs with AVX-512 BF16 or AMX), float32 elsewhere; weights, gradients and the optimiser stay float32.
 precision = auto

@@ -55,6 +55,7 @@ class TrainParams:
     outlier_weight: float = _d['outlier_weight']  # weight of the non-digits' loss (cross-entropy to uniform)
     reject_rate: float = _d['reject_rate']   # the "not sure" threshold answers so for at most this share of val digits
     ema: float = _d['ema']                   # decay of the weights' moving average, kept as the model; 0: the weights
+    tta: bool = _d['tta']                    # answer with the mean logits over one-pixel shifts (five passes)
 
     def __post_init__(self):
         for f in fields(self):

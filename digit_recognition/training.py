@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import tqdm.auto, tqdm.std
 from .config import DigitError, get_device, seed_everything, atomic_write
 from .outliers import load_outliers
-from .model import model_for
+from .model import model_for, ShiftAveraged
 from .distributed import shard, world_info, rank_seed, mean_over_ranks, rank0_says, data_parallel
 from .tracking import RUN_ID
 from .params import TrainParams, TRAIN_PARAMS, pick, PRECISIONS
@@ -228,12 +228,12 @@ def load_checkpoint(path) -> dict:
 # %% ../nbs/05_training.ipynb #3720123e
 def model_from_checkpoint(path,   # a `best.pt` or `last.pt`, or the dict `load_checkpoint` read from one
                          ) -> nn.Module:
-    "Rebuild the model saved in a `best.pt` (or `last.pt`) checkpoint, in eval mode, laid out as `fit` trains it."
+    "Rebuild the model saved in a checkpoint, in eval mode, laid out as `fit` trains it (and answering as `tta` says)."
     ck = path if isinstance(path, dict) else load_checkpoint(path)
     m = model_for(ck['params']['model'], ck['params'].get('width', 16), ck['model'])   # older ones: width 16
     m.load_state_dict(ck['model'])
     if convolutional(m): m.to(memory_format=torch.channels_last)    # the layout its convolutions run fastest in
-    return m.eval()
+    return (ShiftAveraged(m) if ck['params'].get('tta') else m).eval()     # older ones: one pass
 
 # %% ../nbs/05_training.ipynb #9f45b0ce
 def _ema_update(decay:float):

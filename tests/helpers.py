@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # The session's tiny training run on the login server (seconds of training; a papermill kernel and MLflow around it).
 # No ink changes: 2 epochs on 1,000 images with them leave too weak a model to answer some images "not sure".
-TINY_RUN = ['--epochs', '2', '--max-train-samples', '1000', '--batch-size', '100', '--ink', '0', '--width', '16']
+TINY_RUN = ['--epochs', '2', '--max-train-samples', '1000', '--batch-size', '100', '--ink', '0', '--width', '16',
+            '--no-tta']
 
 
 def run_command(cmd, *args, env=None, timeout=900, check=None, cwd=ROOT):

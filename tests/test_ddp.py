@@ -55,7 +55,7 @@ def test_killed_worker_ends_the_run_and_resume_finishes_it(tmp_path, run_cli, da
     env = {**os.environ, **{k: v for k, v in local_env(tmp_path).items() if v}}
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
     p = subprocess.Popen([str(BIN/'digit-train'), *DDP, '--epochs', str(EPOCHS), '--max-train-samples',
-                          '2000', '--width', '16', '--quiet'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          '2000', '--width', '16', '--no-tta', '--quiet'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not list((tmp_path/'results').glob('*/last.pt')) and p.poll() is None and time.time() < deadline:

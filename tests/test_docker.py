@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CACHE = Path(os.environ.get('DIGIT_DOCKER_CACHE', '/var/tmp/digit-docker'))   # engine data: kept between runs
 IMAGE = 'digit-recognition:test'
 NEED_GB = 15                # a first build's peak, measured here: 12 GB (wheels, pip's copy, the venv)
-TINY = ['--epochs', '1', '--max-train-samples', '3000', '--width', '16', '--min-accuracy', '0.5']
+TINY = ['--epochs', '1', '--max-train-samples', '3000', '--width', '16', '--min-accuracy', '0.5', '--no-tta']
 # Neither the training pool of non-digits nor the photographed and drawn views (a minute and a half of CPU in a
 # container): the tests check the folders, the users and the dataset's version, which depends on MNIST's splits only.
 MNIST_ONLY = ['-e', 'DIGIT_DATA_OUTLIERS=0', '-e', 'DIGIT_DATA_VIEWS=0']

@@ -11,8 +11,8 @@ from PIL import Image
 from helpers import BIN, free_port, wait_for_http, run_command, stop
 
 pytestmark = pytest.mark.slow
-TINY = ['--epochs', '1', '--max-train-samples', '2000', '--batch-size', '100', '--no-augment', '--min-accuracy', '0',
-        '--quiet']
+TINY = ['--epochs', '1', '--max-train-samples', '2000', '--batch-size', '100', '--no-augment', '--no-tta',
+        '--min-accuracy', '0', '--quiet']
 
 
 def post(url, body:bytes, ctype:str) -> tuple:

@@ -4,7 +4,7 @@ import os, shutil, signal, subprocess, sys, time
 import pytest
 from helpers import ROOT, BIN, together, as_in_a_terminal
 
-TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--width', '16']
+TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--width', '16', '--no-tta']
 
 
 def local_env(d):
@@ -49,7 +49,8 @@ def interrupted(tmp_path_factory, data_ready):
     d = tmp_path_factory.mktemp('interrupted')
     env = {**os.environ, **{k: v for k, v in local_env(d).items() if v}}
     for k in ('MLFLOW_TRACKING_USERNAME', 'MLFLOW_TRACKING_PASSWORD'): env.pop(k, None)
-    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '8000'], cwd=ROOT, env=env,
+    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '8000', '--no-tta'], cwd=ROOT,
+                         env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          preexec_fn=as_in_a_terminal)
     deadline = time.time() + 240

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, BIN, together
 
-TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--no-augment', '--width', '16']
+TINY = ['--epochs', '1', '--max-train-samples', '500', '--batch-size', '100', '--no-augment', '--width', '16',
+        '--no-tta']
 
 
 def run_in(cwd, cmd, *args, env):

@@ -54,7 +54,7 @@ def test_two_workers_and_a_killed_one(postgres, mlflow_pg_server, data_ready, tm
                 DIGIT_TUNE_HEARTBEAT_SECONDS='2', DIGIT_TUNE_GRACE_SECONDS='6')
     if os.environ.get('MNIST_DIR'): base['MNIST_DIR'] = os.environ['MNIST_DIR']
     args = ['--study', 'team', '--trials', '6', '--space', 'lr = float 0.005 0.05 log', '--epochs', '2',
-            '--max-train-samples', '500', '--batch-size', '100', '--no-augment', '--width', '16', '--quiet']
+            '--max-train-samples', '500', '--batch-size', '100', '--no-augment', '--width', '16', '--no-tta', '--quiet']
     # Two ways to give the database password: the storage URL with it from the environment (.env), or libpq's
     # PGPASSWORD beside a URL without it.
     ways = [{'DIGIT_TUNE_STORAGE': postgres.url('optuna', scheme='postgresql')},

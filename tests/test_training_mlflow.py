@@ -136,7 +136,7 @@ def sweep(tmp_path_factory, run_cli, data_ready):
     env = {'MLFLOW_TRACKING_URI': uri, 'DIGIT_PATHS_RESULTS_DIR': str(d/'results'),
            'MLFLOW_TRACKING_USERNAME': None, 'MLFLOW_TRACKING_PASSWORD': None}
     r = run_cli('digit-sweep', '--grid', 'lr=0.003,0.03', '--grid', 'optimizer=adamw,lion', '--jobs', '3',
-                '--epochs', '1', '--max-train-samples', '600', '--no-augment', env=env)
+                '--epochs', '1', '--max-train-samples', '600', '--no-augment', '--no-tta', env=env)
     return r, d, mlflow.MlflowClient(uri)
 
 
@@ -211,9 +211,9 @@ def test_killed_run_keeps_checkpoint_and_resumes(tmp_path, mlflow_server, client
     import os, signal, subprocess, time, torch
     from helpers import ROOT, BIN, as_in_a_terminal
     env = {**os.environ, **server_env(mlflow_server, tmp_path)}
-    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '1000', '--quiet'], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                         preexec_fn=as_in_a_terminal)
+    p = subprocess.Popen([str(BIN/'digit-train'), '--epochs', '4', '--max-train-samples', '1000', '--no-tta',
+                          '--quiet'], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True, preexec_fn=as_in_a_terminal)
     deadline = time.time() + 300
     while not list(tmp_path.glob('*/last.pt')) and time.time() < deadline and p.poll() is None: time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL); p.wait()

@@ -15,7 +15,7 @@ def study(tmp_path_factory, run_cli, data_ready):
            'DIGIT_TUNE_STARTUP_TRIALS': '1'}                  # the median is one finished trial's
     r = run_cli('digit-tune', '--study', 'tiny', '--trials', '2', '--space', 'lr = float 0.00001 0.05 log',
                 '--try', 'lr=0.02', '--try', 'lr=0.00001', '--epochs', '2', '--max-train-samples', '500',
-                '--batch-size', '100', '--no-augment', env=env)
+                '--batch-size', '100', '--no-augment', '--no-tta', env=env)
     return r, env, d
 
 

@@ -7,7 +7,8 @@ from PIL import Image
 from helpers import ROOT, together
 
 pytestmark = pytest.mark.slow
-TINY = ['--epochs', '1', '--max-train-samples', '1000', '--batch-size', '100', '--no-augment', '--width', '16']
+TINY = ['--epochs', '1', '--max-train-samples', '1000', '--batch-size', '100', '--no-augment', '--width', '16',
+        '--no-tta']
 
 
 @pytest.fixture(scope='module')
