@@ -54,7 +54,7 @@ def main():
     views = load_views(data)
     with tempfile.TemporaryDirectory() as d:
         state = load_checkpoint(checkpoint(a.model, data, d))
-        net = model_from_checkpoint(state).eval()
+        net = model_from_checkpoint({**state, 'params': {**state['params'], 'tta': False}})   # one pass: shifts here
     knobs, default = state['params'], vars(TrainParams(device='cpu'))
     changed = {k: v for k, v in knobs.items() if default.get(k) != v and k != 'device'}
     what = (f"a {knobs['model']} of width {knobs['width']}, {knobs['epochs']} epochs, seed {knobs['seed']}, dataset "
