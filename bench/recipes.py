@@ -35,6 +35,10 @@ from results import RESULTS, save, table
 
 RECIPES = {   # name: TrainParams changes from the package's defaults ([train]); pool_first: the CNN's layout
     'default': {},
+    'one pass (tta off, the default before)': dict(tta=False),
+    'share 0.5': dict(outlier_share=0.5),
+    'label_smoothing 0.05': dict(label_smoothing=0.05),
+    'ink 0.75': dict(ink=0.75),
     'reject_rate 0.005': dict(reject_rate=0.005),
     'width 16, 14 epochs, BN before pooling (the default before)': dict(width=16, epochs=14, pool_first=False),
     'width 16, 14 epochs, BN before pooling, reject_rate 0.005': dict(width=16, epochs=14, pool_first=False,
@@ -125,13 +129,14 @@ def main():
              "threshold of each is its own, fitted on the validation split and its photographed and drawn views "
              "(reject_rate of the recipe). The test families play no part here. Rows measured before 2026-12-06 "
              "trained in float32, rows measured at 17e3e39 or before without ink changes (ink 0), rows measured at "
-             "21b2dcc or before the CNN with batch norm before pooling, width 16, 14 epochs: the defaults then.",
+             "21b2dcc or before the CNN with batch norm before pooling, width 16, 14 epochs, rows measured before "
+             "a24e2cb in one pass (no tta): the defaults then.",
              "The default recipe is settings.ini [train]: " + ', '.join(f"{k} {v}" for k, v in
                                                                          vars(TrainParams()).items()
                                                                          if k in ('width', 'epochs', 'precision', 'ink',
                                                                                   'outlier_share',
                                                                                   'outlier_weight', 'ema',
-                                                                                  'reject_rate'))]
+                                                                                  'reject_rate', 'tta'))]
     save('recipes-quick' if a.quick else 'recipes', rows, COLS, notes, figs)
 
 

@@ -43,7 +43,7 @@ LOG = """
 import json, sys, mlflow
 from pathlib import Path
 from digit_recognition.mlmodel import log_model
-from digit_recognition.training import model_from_checkpoint
+from digit_recognition.training import model_from_checkpoint, load_checkpoint
 from digit_recognition.calibration import Probabilities
 from digit_recognition.data import load_cleaned
 store, ck = Path(sys.argv[1]), sys.argv[2]
@@ -54,7 +54,9 @@ c, out = mlflow.MlflowClient(), {}
 with mlflow.start_run():              # today's model: a weights-only checkpoint
     new = log_model(ck, load_cleaned(splits=('val',)).val[0][:1])
 with mlflow.start_run():              # a model as logged before the change: a pickled module
-    net = Probabilities(model_from_checkpoint(ck))
+    state = load_checkpoint(ck)
+    state['params']['tta'] = False    # the network in one pass: one-pixel shifts came after
+    net = Probabilities(model_from_checkpoint(state))
     del net.temperature               # as pickled before calibration existed: the attribute was not there yet
     old = mlflow.pytorch.log_model(net, name='model', serialization_format='pickle')
 for alias, info in (('champion', new), ('legacy', old)):
@@ -96,12 +98,14 @@ def load(run_cli, env, source, images):
 
 
 def checkpoint_probabilities(checkpoint, calibrated=True):
-    "The checkpoint's answers on its images.npy: calibrated (as every consumer answers) or at temperature 1."
+    "The checkpoint's answers on its images.npy: as every consumer answers, or as a legacy model (T = 1, one pass)."
     from digit_recognition.calibration import probabilities_from_checkpoint
+    from digit_recognition.model import ShiftAveraged
     with torch.no_grad():
         x = torch.from_numpy(np.load(checkpoint.parent/'images.npy').astype(np.float32)/255)
         net = probabilities_from_checkpoint(checkpoint)
-        if not calibrated: net.temperature = 1.0
+        assert isinstance(net.model, ShiftAveraged)       # the session's checkpoint answers over shifts (tta)
+        if not calibrated: net.temperature, net.model = 1.0, net.model.model
         return net(x).numpy()
 
 
