@@ -19,6 +19,7 @@ family, and overall: the share answered "not sure", the share accepted as a digi
     python bench/unsure.py                                  # the champion; 40 images per family, 5,000 digits a set
     python bench/unsure.py --model training_results/<run id>/best.pt
     python bench/unsure.py --quick                          # smoke run: 8 per family, 500 digits a set
+    python bench/unsure.py --model RUN --also RUN2 --also RUN3   # and the headline figures of other seeds' models
 
 The tables, with date, machine and versions, go to bench/results/unsure.json and .md (a --quick run's to
 unsure-quick.*); their `figures` are what the notebooks and README quote.
@@ -64,6 +65,19 @@ def score(r) -> float:
     return -1.0 if r.reason in INK_RULES or r.probability is None else r.probability
 
 
+def headline(answers, jobs, digit_answers, y) -> dict:
+    "The issue's figures of one model's answers: test families' not sure and AUROC, digits' accuracy and not sure."
+    digits = np.array([score(r) for v in digit_answers.values() for r in v])
+    test = [r for j, r in zip(jobs, answers) if j[0] == 'test']
+    s = np.array([score(r) for r in test])
+    auc = roc_auc_score(np.r_[np.ones(len(digits)), np.zeros(len(s))], np.r_[digits, s])
+    f = dict(test_not_sure=float(np.mean([r.unsure for r in test])), test_auroc=float(auc))
+    for k, rs in digit_answers.items():
+        f[f'{k}_accuracy'] = float(np.mean([r.top_k[0][0] == t for r, t in zip(rs, y)]))
+        f[f'{k}_not_sure'] = float(np.mean([r.unsure for r in rs]))
+    return {k: round(v, 4) for k, v in f.items()}
+
+
 def energy_table(model, tune_files, digit_files):
     "Calibrated top probability against the energy score (-T logsumexp(z/T)), on the tune families, at one FRR."
     import torch
@@ -101,6 +115,9 @@ def main():
                     "(default: %(default)s)")
     ap.add_argument('--digits', type=int, default=5000, help="MNIST test digits in each of the photographed and "
                     "drawn sets (the clean set has all 10,000; default: %(default)s)")
+    ap.add_argument('--also', action='append', default=[], metavar='MODEL',
+                    help="another model (e.g. another seed's run) whose headline figures are measured on the same "
+                    "images, repeatable")
     ap.add_argument('--seed', type=int, default=0, help="seeds the non-digits (default: %(default)s)")
     ap.add_argument('--quick', action='store_true', help="smoke run (8 per family, 500 digits a set) written to "
                     "bench/results/unsure-quick.*")
@@ -128,6 +145,11 @@ def main():
         if bad: raise SystemExit(f"{len(bad)} files could not be read, e.g. {bad[0]}")
         tune_files = [f for (k, f), j in zip(made, jobs) if j[0] == 'tune']
         e_rows, e_figs = energy_table(a.model or '', tune_files, [f for v in digit_files.values() for f in v[:2000]])
+        others = {}
+        for m in a.also:
+            p = DigitPredictor.load(m)
+            others[m] = headline(p.predict([f for _, f in made], top_k=3), jobs,
+                                 {k: p.predict(v, top_k=3) for k, v in digit_files.items()}, y)
 
     digit_scores = np.array([score(r) for v in digit_answers.values() for r in v])
     by_family = defaultdict(list)
@@ -176,13 +198,37 @@ def main():
              f"{'met' if met['digits_not_sure'] else 'NOT met'}); photographed test digits read at least 99.3% "
              f"({d_figs['photographed']['accuracy']:.2%}: {'met' if met['photo_accuracy'] else 'NOT met'}).",
              "Digits, through the same client:", table(d_cols, d_rows)]
+    if others:
+        h = {a.model or 'the champion': headline(answers, jobs, digit_answers, y), **others}
+        keys = ['test_not_sure', 'test_auroc', 'MNIST_accuracy', 'photographed_accuracy', 'photographed_not_sure',
+                'drawn_accuracy', 'drawn_not_sure']
+        pct = lambda k, v: f"{v:.4f}" if k == 'test_auroc' else f"{v:.2%}"
+        h_rows = [(m, *(pct(k, f[k]) for k in keys)) for m, f in h.items()]
+        h_rows.append((f'mean of {len(h)}', *(pct(k, np.mean([f[k] for f in h.values()])) for k in keys)))
+        mean = {k: float(np.mean([f[k] for f in h.values()])) for k in keys}
+        m_met = {'test_not_sure': mean['test_not_sure'] >= TARGETS['test_not_sure'],
+                 'test_auroc': mean['test_auroc'] >= TARGETS['test_auroc'],
+                 'digits_not_sure': max(mean['photographed_not_sure'], mean['drawn_not_sure'])
+                 <= TARGETS['digits_not_sure'],
+                 'photo_accuracy': mean['photographed_accuracy'] >= TARGETS['photo_accuracy']}
+        said = lambda ok: 'met' if ok else 'NOT met'
+        notes += ["The same images answered by each model (other seeds of the recipe: the figures above are the "
+                  f"first model's). On the mean of the {len(h)}, the targets: non-digits not sure "
+                  f"{mean['test_not_sure']:.1%} ({said(m_met['test_not_sure'])}), AUROC {mean['test_auroc']:.4f} "
+                  f"({said(m_met['test_auroc'])}), photographed and drawn digits wrongly not sure "
+                  f"{max(mean['photographed_not_sure'], mean['drawn_not_sure']):.2%} "
+                  f"({said(m_met['digits_not_sure'])}), photographed digits read "
+                  f"{mean['photographed_accuracy']:.2%} ({said(m_met['photo_accuracy'])}).",
+                  table(['model', 'test non-digits not sure', 'test AUROC', 'MNIST acc', 'photographed acc',
+                         'photographed not sure', 'drawn acc', 'drawn not sure'], h_rows)]
     if e_rows:
         notes += ["The score, chosen on the tune families: the calibrated top probability against the energy score "
                   "(higher = more like a digit), each thresholded where 0.5% of the digits above fall below it:",
                   table(['score', 'tune non-digits', 'AUROC', 'answered not sure'], e_rows)]
     figs = dict(threshold=round(pred.min_confidence, 4), threshold_from=pred.threshold_from,
                 test=overall['test'], tune=overall['tune'], digits=d_figs, families=per_family, scores=e_figs,
-                per_family=a.per_family, targets=TARGETS, met=met, targets_met=sum(met.values()))
+                per_family=a.per_family, targets=TARGETS, met=met, targets_met=sum(met.values()),
+                **({'models': h, 'mean': mean, 'mean_met': m_met} if others else {}))
     print(table(cols, rows)); print(); print('\n\n'.join(notes[1:]))
     save('unsure-quick' if a.quick else 'unsure', rows, cols, notes, figs)
 
