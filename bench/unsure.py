@@ -78,6 +78,31 @@ def headline(answers, jobs, digit_answers, y) -> dict:
     return {k: round(v, 4) for k, v in f.items()}
 
 
+def over_models(h:dict) -> tuple:
+    "`(mean, met, notes)` of several models' `headline` figures `h`: their mean against the targets, and a table."
+    from results import table
+    keys = ['test_not_sure', 'test_auroc', 'MNIST_accuracy', 'photographed_accuracy', 'photographed_not_sure',
+            'drawn_accuracy', 'drawn_not_sure']
+    pct = lambda k, v: f"{v:.4f}" if k == 'test_auroc' else f"{v:.2%}"
+    mean = {k: float(np.mean([f[k] for f in h.values()])) for k in keys}
+    rows = [(m, *(pct(k, f[k]) for k in keys)) for m, f in h.items()] + [(f'mean of {len(h)}',
+                                                                           *(pct(k, mean[k]) for k in keys))]
+    unsure = max(mean['photographed_not_sure'], mean['drawn_not_sure'])
+    met = {'test_not_sure': mean['test_not_sure'] >= TARGETS['test_not_sure'],
+           'test_auroc': mean['test_auroc'] >= TARGETS['test_auroc'],
+           'digits_not_sure': unsure <= TARGETS['digits_not_sure'],
+           'photo_accuracy': mean['photographed_accuracy'] >= TARGETS['photo_accuracy']}
+    said = lambda ok: 'met' if ok else 'NOT met'
+    return mean, met, ["The same images answered by each model (other seeds of the recipe: the figures above are the "
+                       f"first model's). On the mean of the {len(h)}, the targets: non-digits not sure "
+                       f"{mean['test_not_sure']:.1%} ({said(met['test_not_sure'])}), AUROC {mean['test_auroc']:.4f} "
+                       f"({said(met['test_auroc'])}), photographed and drawn digits wrongly not sure {unsure:.2%} "
+                       f"({said(met['digits_not_sure'])}), photographed digits read "
+                       f"{mean['photographed_accuracy']:.2%} ({said(met['photo_accuracy'])}).",
+                       table(['model', 'test non-digits not sure', 'test AUROC', 'MNIST acc', 'photographed acc',
+                              'photographed not sure', 'drawn acc', 'drawn not sure'], rows)]
+
+
 def energy_table(model, tune_files, digit_files):
     "Calibrated top probability against the energy score (-T logsumexp(z/T)), on the tune families, at one FRR."
     import torch
@@ -200,27 +225,8 @@ def main():
              "Digits, through the same client:", table(d_cols, d_rows)]
     if others:
         h = {a.model or 'the champion': headline(answers, jobs, digit_answers, y), **others}
-        keys = ['test_not_sure', 'test_auroc', 'MNIST_accuracy', 'photographed_accuracy', 'photographed_not_sure',
-                'drawn_accuracy', 'drawn_not_sure']
-        pct = lambda k, v: f"{v:.4f}" if k == 'test_auroc' else f"{v:.2%}"
-        h_rows = [(m, *(pct(k, f[k]) for k in keys)) for m, f in h.items()]
-        h_rows.append((f'mean of {len(h)}', *(pct(k, np.mean([f[k] for f in h.values()])) for k in keys)))
-        mean = {k: float(np.mean([f[k] for f in h.values()])) for k in keys}
-        m_met = {'test_not_sure': mean['test_not_sure'] >= TARGETS['test_not_sure'],
-                 'test_auroc': mean['test_auroc'] >= TARGETS['test_auroc'],
-                 'digits_not_sure': max(mean['photographed_not_sure'], mean['drawn_not_sure'])
-                 <= TARGETS['digits_not_sure'],
-                 'photo_accuracy': mean['photographed_accuracy'] >= TARGETS['photo_accuracy']}
-        said = lambda ok: 'met' if ok else 'NOT met'
-        notes += ["The same images answered by each model (other seeds of the recipe: the figures above are the "
-                  f"first model's). On the mean of the {len(h)}, the targets: non-digits not sure "
-                  f"{mean['test_not_sure']:.1%} ({said(m_met['test_not_sure'])}), AUROC {mean['test_auroc']:.4f} "
-                  f"({said(m_met['test_auroc'])}), photographed and drawn digits wrongly not sure "
-                  f"{max(mean['photographed_not_sure'], mean['drawn_not_sure']):.2%} "
-                  f"({said(m_met['digits_not_sure'])}), photographed digits read "
-                  f"{mean['photographed_accuracy']:.2%} ({said(m_met['photo_accuracy'])}).",
-                  table(['model', 'test non-digits not sure', 'test AUROC', 'MNIST acc', 'photographed acc',
-                         'photographed not sure', 'drawn acc', 'drawn not sure'], h_rows)]
+        mean, m_met, m_notes = over_models(h)
+        notes += m_notes
     if e_rows:
         notes += ["The score, chosen on the tune families: the calibrated top probability against the energy score "
                   "(higher = more like a digit), each thresholded where 0.5% of the digits above fall below it:",
